@@ -1,0 +1,12 @@
+"""RSMamba remote-sensing scene classifiers as a timm plugin.
+
+Importing this package registers ``rsmamba_small/base/large/huge`` with timm and adds .tif/.tiff to the
+image extensions timm's folder datasets read.
+"""
+from timm.data import add_img_extensions as _add_img_extensions
+
+from .models import RSMamba, checkpoint_filter_fn, convert_mmpretrain
+from .ops import has_causal_conv1d, has_mamba_ssm, resolve_scan_backend, selective_scan
+from .version import __version__
+
+_add_img_extensions(('.tif', '.tiff'))

@@ -1,0 +1,1 @@
+from .rsmamba import RSMamba, checkpoint_filter_fn, convert_mmpretrain

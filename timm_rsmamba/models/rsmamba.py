@@ -1,0 +1,606 @@
+"""RSMamba: remote-sensing scene classification with multi-path Mamba blocks.
+
+Paper: `RSMamba: Remote Sensing Image Classification with State Space Model`
+(Chen et al., IEEE GRSL 2024, https://arxiv.org/abs/2403.19654).
+
+Defaults reproduce the authors' mmpretrain backbone exactly: corner-padded overlapping patch
+embedding (kernel 16, stride 8), learnable position embedding, one pre-norm shared by every block,
+each block running one Mamba mixer over forward, reversed and shuffled token orders at once and
+mixing them with a learned softmax gate, then LayerNorm, mean pooling, LayerNorm and a linear head.
+
+Departures from the original, all behind options or documented:
+* ``eval_shuffle='fixed'`` (default) uses one seeded permutation per block in eval mode, so an image
+  always gets the same logits; ``'random'`` restores the original's fresh permutation in eval too.
+* ``cls_token_position='head_tail'`` works (the original checks a misspelt name and raises).
+* ``drop_path_rate`` adds stochastic depth on the block residual (0 = original).
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+
+from ..modules import MambaMixer
+from ._datasets import DATASETS, normalization
+
+__all__ = ['RSMamba', 'checkpoint_filter_fn', 'convert_mmpretrain']
+
+PATH_TYPES = (
+    'forward', 'forward_reverse_mean', 'forward_reverse_gate',
+    'forward_reverse_shuffle_mean', 'forward_reverse_shuffle_gate')
+CLS_TOKEN_POSITIONS = ('none', 'head', 'tail', 'head_tail', 'middle')
+POS_EMBED_TYPES = ('learnable', 'sine', 'none')
+
+
+def _pair(v) -> Tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def corner_padded_grid(img_size: Tuple[int, int], kernel: int, stride: int) -> Tuple[int, int]:
+    """Token grid of the corner-padded conv: ceil(size / stride) along each axis."""
+    return tuple(math.ceil(s / stride) for s in img_size)
+
+
+class CornerPatchEmbed(nn.Module):
+    """Overlapping patch conv; zero-pads only bottom/right so the strided kernel covers the image."""
+
+    def __init__(self, img_size=224, patch_size=16, stride=8, in_chans=3, embed_dim=192, device=None, dtype=None):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.stride = _pair(stride)
+        self.grid_size = self.dynamic_grid(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, self.patch_size, self.stride, bias=False, device=device, dtype=dtype)
+
+    def dynamic_grid(self, img_size) -> Tuple[int, int]:
+        return tuple(math.ceil(s / st) for s, st in zip(img_size, self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, Gh, Gw, D)."""
+        pads = []
+        for size, k, st in zip(x.shape[-2:], self.patch_size, self.stride):
+            pads.append(max((math.ceil(size / st) - 1) * st + k - size, 0))
+        x = F.pad(x, (0, pads[1], 0, pads[0]))
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def sincos_pos_embed_2d(grid_size: Tuple[int, int], dim: int, temperature: float = 10000.) -> torch.Tensor:
+    """mmpretrain's fixed 2-D sin-cos table (its meshgrid order), shape (1, Gh*Gw, dim)."""
+    h, w = grid_size
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing='ij')
+    quarter = dim // 4
+    omega = 1. / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    out_w = grid_w.flatten()[:, None] * omega[None]
+    out_h = grid_h.flatten()[:, None] * omega[None]
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))[None]
+
+
+def insert_extra_tokens(patches: torch.Tensor, extra: Optional[torch.Tensor], position: str) -> torch.Tensor:
+    """Place class tokens (B, n_extra, D) into the patch sequence (B, L, D) as the original does."""
+    if extra is None or position == 'none':
+        return patches
+    if position == 'head':
+        return torch.cat([extra, patches], dim=1)
+    if position == 'tail':
+        return torch.cat([patches, extra], dim=1)
+    if position == 'head_tail':
+        return torch.cat([extra[:, :1], patches, extra[:, 1:]], dim=1)
+    mid = patches.shape[1] // 2
+    return torch.cat([patches[:, :mid], extra, patches[:, mid:]], dim=1)
+
+
+def split_extra_tokens(x: torch.Tensor, position: str, num_extra: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Inverse of insert_extra_tokens: (extra tokens or None, patch tokens)."""
+    if position == 'none' or num_extra == 0:
+        return None, x
+    if position == 'head':
+        return x[:, :1], x[:, 1:]
+    if position == 'tail':
+        return x[:, -1:], x[:, :-1]
+    if position == 'head_tail':
+        return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
+    mid = (x.shape[1] - 1) // 2
+    return x[:, mid:mid + 1], torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
+
+
+class MultiPathBlock(nn.Module):
+    """One mixer over several token orders at once, merged by mean or a learned softmax gate."""
+
+    def __init__(
+            self,
+            dim: int,
+            intermediate_size: int,
+            path_type: str = 'forward_reverse_shuffle_gate',
+            state_size: int = 16,
+            dt_rank: Optional[int] = None,
+            conv_kernel: int = 4,
+            drop_path: float = 0.,
+            scan_backend: Optional[str] = None,
+            conv_backend: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        self.path_type = path_type
+        self.reverse = 'reverse' in path_type
+        self.shuffle = 'shuffle' in path_type
+        self.num_paths = 1 + self.reverse + self.shuffle
+        self.mixer = MambaMixer(
+            dim, intermediate_size, state_size=state_size, dt_rank=dt_rank, conv_kernel=conv_kernel,
+            scan_backend=scan_backend, conv_backend=conv_backend, device=device, dtype=dtype)
+        if path_type.endswith('_gate'):
+            self.gate = nn.Linear(self.num_paths * dim, self.num_paths, bias=False, device=device, dtype=dtype)
+        else:
+            self.gate = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_norm: nn.Module, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        paths = [x]
+        if self.reverse:
+            paths.append(x.flip(1))
+        if self.shuffle:
+            paths.append(x[:, perm])
+        mixed = self.mixer(pre_norm(torch.cat(paths, dim=0))).chunk(self.num_paths, dim=0)
+        outs = [mixed[0]]
+        if self.reverse:
+            outs.append(mixed[1].flip(1))
+        if self.shuffle:
+            outs.append(mixed[-1][:, torch.argsort(perm)])
+        if self.gate is not None:
+            weights = self.gate(torch.cat([o.mean(dim=1) for o in outs], dim=-1)).softmax(dim=-1)
+            out = sum(weights[:, i, None, None] * o for i, o in enumerate(outs))
+        elif self.num_paths > 1:
+            out = sum(outs) / self.num_paths
+        else:
+            out = outs[0]
+        return x + self.drop_path(out)
+
+
+class RSMamba(nn.Module):
+    """RSMamba classifier (see the module docstring for the architecture and its options)."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            patch_stride: int = 8,
+            in_chans: int = 3,
+            num_classes: int = 21,
+            global_pool: Optional[str] = None,
+            embed_dim: int = 192,
+            depth: int = 24,
+            intermediate_size: int = 384,
+            state_size: int = 16,
+            dt_rank: Optional[int] = None,
+            conv_kernel: int = 4,
+            path_type: str = 'forward_reverse_shuffle_gate',
+            cls_token_position: str = 'none',
+            pos_embed_type: str = 'learnable',
+            eval_shuffle: str = 'fixed',
+            shuffle_seed: int = 0,
+            norm_eps: float = 1e-6,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
+            scan_backend: Optional[str] = None,
+            conv_backend: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            patch_stride: 8 gives the paper's overlapping patches; 16 the non-overlapping ablation.
+            path_type: one of PATH_TYPES (the paper's Table IV ablation); default all three gated.
+            cls_token_position: 'none' (mean pooling, default) or where class tokens go (Table III).
+            pos_embed_type: 'learnable' (default), 'sine' (fixed 2-D sin-cos) or 'none'.
+            eval_shuffle: 'fixed' = seeded per-block permutation in eval; 'random' = the original.
+            drop_rate: dropout after the position embedding (the original's only dropout).
+            global_pool: 'avg' (patch-token mean then LayerNorm) or 'token' (class token(s));
+                default 'token' with class tokens, else 'avg'.
+            scan_backend / conv_backend: force an ops backend ('chunked', 'reference', 'mamba_ssm' / ...);
+                default picks the fused kernels on CUDA when installed. Env: RSMAMBA_SCAN_BACKEND.
+        """
+        super().__init__()
+        if path_type not in PATH_TYPES:
+            raise ValueError(f'path_type must be one of {PATH_TYPES}, got {path_type!r}')
+        if cls_token_position not in CLS_TOKEN_POSITIONS:
+            raise ValueError(f'cls_token_position must be one of {CLS_TOKEN_POSITIONS}, got {cls_token_position!r}')
+        if pos_embed_type not in POS_EMBED_TYPES:
+            raise ValueError(f'pos_embed_type must be one of {POS_EMBED_TYPES}, got {pos_embed_type!r}')
+        if eval_shuffle not in ('fixed', 'random'):
+            raise ValueError(f"eval_shuffle must be 'fixed' or 'random', got {eval_shuffle!r}")
+        global_pool = global_pool or ('avg' if cls_token_position == 'none' else 'token')
+        self._check_pool(global_pool, cls_token_position)
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.cls_token_position = cls_token_position
+        self.num_prefix_tokens = {'none': 0, 'head_tail': 2}.get(cls_token_position, 1)
+        self.pos_embed_type = pos_embed_type
+        self.path_type = path_type
+        self.eval_shuffle = eval_shuffle
+        self.shuffle_seed = shuffle_seed
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self._perm_cache: Dict[Tuple[int, torch.device], List[torch.Tensor]] = {}
+
+        self.patch_embed = CornerPatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim, **dd)
+        grid = self.patch_embed.grid_size
+        seq_len = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, self.num_prefix_tokens, embed_dim, **dd)) \
+            if self.num_prefix_tokens else None
+        if pos_embed_type == 'learnable':
+            self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, embed_dim, **dd))
+        else:
+            self.pos_embed = None
+            if pos_embed_type == 'sine':
+                self.register_buffer('sine_pos_embed', sincos_pos_embed_2d(grid, embed_dim), persistent=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        self.pre_norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd)
+        self.blocks = nn.ModuleList([
+            MultiPathBlock(
+                embed_dim, intermediate_size, path_type, state_size=state_size, dt_rank=dt_rank,
+                conv_kernel=conv_kernel, drop_path=dpr[i], scan_backend=scan_backend, conv_backend=conv_backend, **dd)
+            for i in range(depth)])
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_stride, module=f'blocks.{i}') for i in range(depth)]
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd) if global_pool == 'avg' else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @staticmethod
+    def _check_pool(global_pool, cls_token_position):
+        if global_pool not in ('avg', 'token', ''):
+            raise ValueError(f"global_pool must be 'avg', 'token' or '', got {global_pool!r}")
+        if global_pool == 'token' and cls_token_position == 'none':
+            raise ValueError("global_pool='token' needs class tokens: set cls_token_position")
+
+    def init_weights(self):
+        """The original's init: Kaiming-normal (fan_in, linear) patch conv, trunc-normal(0.02) position
+        embedding, class tokens at zero, PyTorch defaults elsewhere, A_log = log(1..S), D = 1 (in the mixer)."""
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=.02)
+        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode='fan_in', nonlinearity='linear')
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Names to spare from weight decay if a user asks for it (timm also skips every 1-D tensor).
+
+        The paper decays every parameter; timm's ``--weight-decay`` with default filtering applies this set.
+        """
+        return {'pos_embed', 'cls_token', '*.A_log', '*.D'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^cls_token|^pos_embed|^patch_embed|^pre_norm',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_pool(global_pool, self.cls_token_position)
+            if global_pool == 'avg' and isinstance(self.fc_norm, nn.Identity):
+                self.fc_norm = nn.LayerNorm(self.embed_dim, eps=self.norm.eps, device=self.norm.weight.device)
+            self.global_pool = global_pool
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+
+    # ---- token permutations -------------------------------------------------------------------
+    def shuffle_permutations(self, seq_len: int, device=None) -> List[torch.Tensor]:
+        """The fixed eval-mode permutation of each block (seeded by ``shuffle_seed`` and block index).
+
+        Drawn on the CPU so CPU and GPU runs agree, cached per device.
+        """
+        device = torch.device(device or 'cpu')
+        key = (seq_len, device)
+        if key not in self._perm_cache:
+            perms = []
+            for i in range(len(self.blocks)):
+                gen = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + i)
+                perms.append(torch.randperm(seq_len, generator=gen).to(device))
+            self._perm_cache[key] = perms
+        return self._perm_cache[key]
+
+    def _block_perms(self, seq_len: int, device) -> List[Optional[torch.Tensor]]:
+        if not self.blocks or not self.blocks[0].shuffle:
+            return [None] * len(self.blocks)
+        if self.training or self.eval_shuffle == 'random':
+            return [torch.randperm(seq_len, device=device) for _ in self.blocks]
+        return self.shuffle_permutations(seq_len, device)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _pos_embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, Gh, Gw, D) patch grid -> (B, L, D) sequence with class tokens and position embedding."""
+        B, gh, gw, D = patches.shape
+        x = patches.reshape(B, gh * gw, D)
+        extra = self.cls_token.expand(B, -1, -1) if self.cls_token is not None else None
+        x = insert_extra_tokens(x, extra, self.cls_token_position)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if (gh, gw) != self.patch_embed.grid_size:
+                if not self.dynamic_img_size:
+                    raise ValueError(
+                        f'input gives a {gh}x{gw} token grid but the model was built for '
+                        f'{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]}; build it with the matching '
+                        f'img_size or dynamic_img_size=True')
+                pos = resample_pos_embed(pos, (gh, gw), self.patch_embed.grid_size, self.cls_token_position,
+                                         self.num_prefix_tokens)
+            x = x + pos
+        elif self.pos_embed_type == 'sine':
+            table = self.sine_pos_embed if (gh, gw) == self.patch_embed.grid_size \
+                else sincos_pos_embed_2d((gh, gw), D).to(x.device)
+            zeros = table.new_zeros(1, self.num_prefix_tokens, D) if self.num_prefix_tokens else None
+            x = x + insert_extra_tokens(table, zeros, self.cls_token_position).to(x.dtype)
+        return self.pos_drop(x)
+
+    def _run_block(self, block, x, perm):
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint(block, x, self.pre_norm, perm, use_reentrant=False)
+        return block(x, self.pre_norm, perm)
+
+    def _check_input(self, x: torch.Tensor):
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f'expected images (batch, {self.patch_embed.proj.in_channels}, H, W), got shape {tuple(x.shape)}; '
+                f'set in_chans to the number of bands')
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self._pos_embed(self.patch_embed(x))
+        for block, perm in zip(self.blocks, self._block_perms(x.shape[1], x.device)):
+            x = self._run_block(block, x, perm)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        extra, patches = split_extra_tokens(x, self.cls_token_position, self.num_prefix_tokens)
+        if self.global_pool == 'avg':
+            return patches.mean(dim=1)
+        if self.global_pool == 'token':
+            return extra.mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs (patch tokens only) as NCHW maps or NLC sequences.
+
+        Args:
+            indices: last n blocks if int, all if None, these block indices if a sequence.
+            norm: apply the final norm to each intermediate.
+            stop_early: stop after the last requested block.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self._check_input(x)
+        patches = self.patch_embed(x)
+        B, gh, gw, _ = patches.shape
+        x = self._pos_embed(patches)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, (block, perm) in enumerate(zip(blocks, self._block_perms(x.shape[1], x.device))):
+            x = self._run_block(block, x, perm)
+            if i in take_indices:
+                _, tokens = split_extra_tokens(self.norm(x) if norm else x, self.cls_token_position,
+                                               self.num_prefix_tokens)
+                if output_fmt == 'NCHW':
+                    tokens = tokens.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def resample_pos_embed(
+        pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int], cls_token_position: str,
+        num_prefix_tokens: int, interpolation: str = 'bicubic', antialias: bool = True) -> torch.Tensor:
+    """Resize the patch part of a (1, L, D) position embedding; class-token rows keep their places."""
+    extra, patches = split_extra_tokens(pos_embed, cls_token_position, num_prefix_tokens)
+    patches = resample_abs_pos_embed(
+        patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
+        interpolation=interpolation, antialias=antialias, verbose=False)
+    return insert_extra_tokens(patches, extra, cls_token_position)
+
+
+_MMPRETRAIN_RENAMES = (
+    ('backbone.patch_embed.projection.', 'patch_embed.proj.'),
+    ('backbone.pos_embed', 'pos_embed'),
+    ('backbone.cls_token', 'cls_token'),
+    ('backbone.pre_norm.', 'pre_norm.'),
+    ('backbone.ln1.', 'norm.'),
+    ('backbone.ln2.', 'fc_norm.'),
+    ('head.fc.', 'head.'),
+)
+
+
+def convert_mmpretrain(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Rename an original mmpretrain ``ImageClassifier`` state dict to ours.
+
+    Returns (converted, unmatched) where unmatched lists the original keys no rule knows.
+    """
+    out, unmatched = {}, []
+    for key, value in state_dict.items():
+        new_key = None
+        parts = key.split('.')
+        if key.startswith('backbone.layers.') and len(parts) > 3:
+            new_key = f'blocks.{parts[2]}.mixer.' + '.'.join(parts[3:])
+        elif key.startswith('backbone.gate_layers.') and parts[3:] == ['0', 'weight']:
+            new_key = f'blocks.{parts[2]}.gate.weight'
+        else:
+            for old, new in _MMPRETRAIN_RENAMES:
+                if key == old or (old.endswith('.') and key.startswith(old)):
+                    new_key = new + key[len(old):]
+                    break
+        if new_key is None:
+            unmatched.append(key)
+        else:
+            out[new_key] = value
+    return out, unmatched
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RSMamba) -> Dict[str, torch.Tensor]:
+    """Accept our checkpoints and the authors' mmpretrain ones; resample pos_embed to the model's grid."""
+    if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
+        state_dict = state_dict['state_dict']
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict, unmatched = convert_mmpretrain(state_dict)
+        if unmatched:
+            raise KeyError(
+                'these keys of the original RSMamba checkpoint have no counterpart in timm_rsmamba: '
+                + ', '.join(sorted(unmatched)))
+    pos = state_dict.get('pos_embed')
+    if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
+        old_patches = pos.shape[1] - model.num_prefix_tokens
+        side = int(round(math.sqrt(old_patches)))
+        if side * side != old_patches:
+            raise ValueError(f'cannot infer the token grid of a pos_embed with {old_patches} patch rows')
+        state_dict = dict(state_dict)
+        state_dict['pos_embed'] = resample_pos_embed(
+            pos, model.patch_embed.grid_size, (side, side), model.cls_token_position, model.num_prefix_tokens)
+    return state_dict
+
+
+def _cfg(dataset: str = 'ucm', **kwargs):
+    mean, std = normalization(dataset)
+    info = DATASETS[dataset]
+    return {
+        'url': '',
+        'num_classes': len(info['label_names']),
+        'label_names': info['label_names'],
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 224 / 256,
+        'crop_mode': 'center',
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': mean,
+        'std': std,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2403.19654',
+        'paper_name': 'RSMamba: Remote Sensing Image Classification with State Space Model',
+        'origin_url': 'https://github.com/KyanChen/RSMamba',
+        'notes': (f"Describes the authors' {info['title']} checkpoint (class order of their cls_names.txt). "
+                  'No weights are hosted for this tag: convert the released .pth with '
+                  '`python -m timm_rsmamba.convert` and pass pretrained_cfg_overlay=dict(file=...).',),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'rsmamba_small.ucm': _cfg('ucm'),
+    **{f'rsmamba_{size}.{ds}': _cfg(ds) for size in ('base', 'large', 'huge') for ds in ('ucm', 'aid', 'nwpu')},
+})
+
+_VARIANTS = dict(
+    small=dict(embed_dim=192, depth=16, intermediate_size=384),
+    base=dict(embed_dim=192, depth=24, intermediate_size=384),
+    large=dict(embed_dim=256, depth=36, intermediate_size=512),
+    huge=dict(embed_dim=320, depth=48, intermediate_size=640),
+)
+
+
+def _has_weight_source(cfg) -> bool:
+    return bool(cfg and (cfg.file or cfg.url or cfg.hf_hub_id or cfg.state_dict))
+
+
+def _create_rsmamba(variant: str, pretrained: bool = False, **kwargs) -> RSMamba:
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not _has_weight_source(cfg):
+            raise RuntimeError(
+                f"no weights are hosted for '{variant}': convert the authors' checkpoint with "
+                f"`python -m timm_rsmamba.convert ORIGINAL.pth --config hf_configs/<name>` and load the result with "
+                f"timm.create_model('local-dir:DIR', pretrained=True), or pass "
+                f"pretrained_cfg_overlay=dict(file='weights.safetensors')")
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        RSMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _variant(size: str, variant: str, pretrained: bool, kwargs) -> RSMamba:
+    return _create_rsmamba(variant, pretrained=pretrained, **dict(_VARIANTS[size], **kwargs))
+
+
+@register_model
+def rsmamba_small(pretrained: bool = False, **kwargs) -> RSMamba:
+    """RSMamba-S: 16 blocks, d 192 (in the authors' code, not the paper)."""
+    return _variant('small', 'rsmamba_small', pretrained, kwargs)
+
+
+@register_model
+def rsmamba_base(pretrained: bool = False, **kwargs) -> RSMamba:
+    """RSMamba-B: 24 blocks, d 192, 6.4M parameters."""
+    return _variant('base', 'rsmamba_base', pretrained, kwargs)
+
+
+@register_model
+def rsmamba_large(pretrained: bool = False, **kwargs) -> RSMamba:
+    """RSMamba-L: 36 blocks, d 256, 16.2M parameters."""
+    return _variant('large', 'rsmamba_large', pretrained, kwargs)
+
+
+@register_model
+def rsmamba_huge(pretrained: bool = False, **kwargs) -> RSMamba:
+    """RSMamba-H: 48 blocks, d 320, 33.1M parameters."""
+    return _variant('huge', 'rsmamba_huge', pretrained, kwargs)

@@ -1,0 +1,1 @@
+from .mamba_mixer import MambaMixer

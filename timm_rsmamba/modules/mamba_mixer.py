@@ -1,0 +1,78 @@
+"""Mamba-1 mixer with the parameter names of transformers' ``MambaMixer`` (as RSMamba uses it)."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> causal depthwise conv + SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
+
+    Runs time-major inside: the (length, batch, channels) layout makes every per-position slice of the
+    scan contiguous, and keeps all elementwise work on one memory layout.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            intermediate_size: int,
+            state_size: int = 16,
+            dt_rank: Optional[int] = None,
+            conv_kernel: int = 4,
+            scan_backend: Optional[str] = None,
+            conv_backend: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.intermediate_size = intermediate_size
+        self.state_size = state_size
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.scan_backend = scan_backend
+        self.conv_backend = conv_backend
+        resolve_scan_backend(scan_backend)  # fail at construction on a bad name, not mid-forward
+        resolve_conv_backend(conv_backend)
+        self.in_proj = nn.Linear(dim, 2 * intermediate_size, bias=False, **dd)
+        self.conv1d = nn.Conv1d(
+            intermediate_size, intermediate_size, conv_kernel, groups=intermediate_size,
+            padding=conv_kernel - 1, bias=True, **dd)
+        self.x_proj = nn.Linear(intermediate_size, self.dt_rank + 2 * state_size, bias=False, **dd)
+        self.dt_proj = nn.Linear(self.dt_rank, intermediate_size, bias=True, **dd)
+        # S4D-real init shared by every channel: A = -[1..S]; the original leaves dt at Linear's default init.
+        a = torch.arange(1, state_size + 1, dtype=torch.float32, device=device)
+        self.A_log = nn.Parameter(torch.log(a).expand(intermediate_size, state_size).contiguous())
+        self.D = nn.Parameter(torch.ones(intermediate_size, device=device))
+        self.out_proj = nn.Linear(intermediate_size, dim, bias=False, **dd)
+
+    def backend_names(self, device=None):
+        return resolve_scan_backend(self.scan_backend, device), resolve_conv_backend(self.conv_backend, device)
+
+    def extra_repr(self) -> str:
+        scan, conv = self.backend_names(self.A_log.device)
+        return f'state_size={self.state_size}, dt_rank={self.dt_rank}, scan_backend={scan}, conv_backend={conv}'
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (batch, length, dim) -> (batch, length, dim)."""
+        E, R, S = self.intermediate_size, self.dt_rank, self.state_size
+        xz = self.in_proj(hidden.transpose(0, 1))  # (L, B, 2E), contiguous time-major
+        x, z = xz.split(E, dim=-1)
+
+        def channel_major(t):  # (L, B, C) -> a (B, C, L) view: the ops' layout, no copy
+            return t.permute(1, 2, 0)
+
+        x = causal_conv1d(
+            channel_major(x.contiguous()), self.conv1d.weight[:, 0], self.conv1d.bias,
+            activation='silu', backend=self.conv_backend)
+        x_tm = x.permute(2, 0, 1)
+        dt, B, C = self.x_proj(x_tm).split([R, S, S], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # the bias goes in as delta_bias, as the fused kernel wants
+        y = selective_scan(
+            x, channel_major(delta), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
+            D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            backend=self.scan_backend)
+        return self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)

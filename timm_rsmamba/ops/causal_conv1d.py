@@ -1,0 +1,79 @@
+"""Causal depthwise conv1d over (batch, dim, length), the Mamba mixer's short convolution.
+
+Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``torch`` (shifted
+multiply-adds that keep the input's memory layout, every device) and ``reference`` (F.conv1d, the
+textbook definition, for tests).
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
+CONV_BACKENDS = ('causal_conv1d', 'torch', 'reference')
+
+
+def _activate(x, activation):
+    if activation in ('silu', 'swish'):
+        return F.silu(x)
+    if activation is None:
+        return x
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d_reference(x, weight, bias=None, activation=None):
+    """The definition: a depthwise F.conv1d padded by kernel-1 on both sides, keeping the first L outputs."""
+    kernel, length = weight.shape[-1], x.shape[-1]
+    out = F.conv1d(x, weight[:, None, :], bias, padding=kernel - 1, groups=weight.shape[0])[..., :length]
+    return _activate(out, activation)
+
+
+def causal_conv1d_torch(x, weight, bias=None, activation=None):
+    """Sum of shifted copies, computed in x's own memory layout (time-major views stay time-major)."""
+    kernel, length = weight.shape[-1], x.shape[-1]
+    out = torch.mul(x, weight[:, kernel - 1, None])
+    for k in range(kernel - 1):
+        shift = kernel - 1 - k
+        if shift < length:
+            out[..., shift:].addcmul_(x[..., :length - shift], weight[:, k, None])
+    if bias is not None:
+        out = out + bias[:, None]
+    return _activate(out, activation)
+
+
+def _fused_fn():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # optional extra; absence or a broken build must not break import
+        return None
+    return causal_conv1d_fn
+
+
+def has_causal_conv1d() -> bool:
+    return _fused_fn() is not None
+
+
+def resolve_conv_backend(name: Optional[str], device=None) -> str:
+    name = name or os.environ.get(BACKEND_ENV_VAR) or 'auto'
+    if name == 'auto':
+        on_cuda = device is not None and torch.device(device).type == 'cuda'
+        return 'causal_conv1d' if on_cuda and has_causal_conv1d() else 'torch'
+    if name not in CONV_BACKENDS:
+        raise ValueError(
+            f"unknown causal-conv1d backend {name!r} (from the conv_backend argument or ${BACKEND_ENV_VAR}); "
+            f"choose one of: auto, {', '.join(CONV_BACKENDS)}")
+    return name
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] = None):
+    """x: (batch, dim, length); weight: (dim, kernel); bias: (dim,)."""
+    name = resolve_conv_backend(backend, x.device)
+    if name == 'causal_conv1d':
+        fn = _fused_fn()
+        if fn is None or not x.is_cuda:
+            raise RuntimeError("conv backend 'causal_conv1d' needs CUDA tensors and pip install 'timm-rsmamba[cuda]'")
+        return fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
+    if name == 'reference':
+        return causal_conv1d_reference(x, weight, bias, activation)
+    return causal_conv1d_torch(x, weight, bias, activation)
