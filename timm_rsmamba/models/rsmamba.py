@@ -249,7 +249,7 @@ class RSMamba(nn.Module):
                 self.register_buffer('sine_pos_embed', sincos_pos_embed_2d(grid, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth ramp
         self.pre_norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd)
         self.blocks = nn.ModuleList([
             MultiPathBlock(
@@ -305,9 +305,9 @@ class RSMamba(nn.Module):
         if global_pool is not None:
             self._check_pool(global_pool, self.cls_token_position)
             if global_pool == 'avg' and isinstance(self.fc_norm, nn.Identity):
-                self.fc_norm = nn.LayerNorm(self.embed_dim, eps=self.norm.eps, device=self.norm.weight.device)
+                self.fc_norm = nn.LayerNorm(self.embed_dim, eps=self.pre_norm.eps, device=self.pre_norm.weight.device)
             self.global_pool = global_pool
-        device = self.norm.weight.device
+        device = self.pre_norm.weight.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     # ---- token permutations -------------------------------------------------------------------
