@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_rsmamba.ops import causal_conv1d, resolve_scan_backend, selective_scan
-from timm_rsmamba.ops.causal_conv1d import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
-from timm_rsmamba.ops.selective_scan import (
+from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
+from timm_rsmamba.ops.scan import (
     BACKEND_ENV_VAR, has_mamba_ssm, selective_scan_chunked, selective_scan_reference)
 
 
