@@ -154,3 +154,18 @@ def test_mamba_ssm_backend_refuses_cpu_tensors():
     x = make_inputs(1, 2, 4, 4)
     with pytest.raises(RuntimeError, match='mamba_ssm'):
         selective_scan(**x, backend='mamba_ssm')
+
+
+@pytest.mark.parametrize('activation', [None, 'silu'])
+@pytest.mark.parametrize('L', [1, 2, 9])
+def test_causal_conv_gradients_match_reference(activation, L):
+    x = torch.randn(2, 6, L, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d_torch(*a, activation), (x, w, b))
+    out = causal_conv1d_torch(x, w, b, activation)
+    ref = causal_conv1d_reference(x, w, b, activation)
+    grads = torch.autograd.grad(out.sum(), (x, w, b))
+    grads_ref = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr)

@@ -66,7 +66,7 @@ class MambaMixer(nn.Module):
             return t.permute(1, 2, 0)
 
         x = causal_conv1d(
-            channel_major(x.contiguous()), self.conv1d.weight[:, 0], self.conv1d.bias,
+            channel_major(x), self.conv1d.weight[:, 0], self.conv1d.bias,
             activation='silu', backend=self.conv_backend)
         x_tm = x.permute(2, 0, 1)
         dt, B, C = self.x_proj(x_tm).split([R, S, S], dim=-1)

@@ -29,17 +29,60 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None):
     return _activate(out, activation)
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None):
-    """Sum of shifted copies, computed in x's own memory layout (time-major views stay time-major)."""
-    kernel, length = weight.shape[-1], x.shape[-1]
-    out = torch.mul(x, weight[:, kernel - 1, None])
+def _shifted_conv(x_tm, weight, bias):
+    """Time-major causal conv: out[t] = bias + sum_k weight[:, k] * x[t - (K-1) + k]."""
+    kernel, length = weight.shape[-1], x_tm.shape[0]
+    out = torch.mul(x_tm, weight[:, kernel - 1])
     for k in range(kernel - 1):
         shift = kernel - 1 - k
         if shift < length:
-            out[..., shift:].addcmul_(x[..., :length - shift], weight[:, k, None])
-    if bias is not None:
-        out = out + bias[:, None]
-    return _activate(out, activation)
+            out[shift:].addcmul_(x_tm[:length - shift], weight[:, k])
+    return out if bias is None else out.add_(bias)
+
+
+class _CausalConv1dTimeMajor(torch.autograd.Function):
+    """Causal depthwise conv (+ optional SiLU) on (L, b, d) tensors of any strides.
+
+    Saves only its input and re-computes the pre-activation in backward, so training keeps one
+    activation per conv instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx, x_tm, weight, bias, silu):
+        out = _shifted_conv(x_tm, weight, bias)
+        ctx.save_for_backward(x_tm, weight, bias)
+        ctx.silu = silu
+        return F.silu(out) if silu else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x_tm, weight, bias = ctx.saved_tensors
+        kernel, length = weight.shape[-1], x_tm.shape[0]
+        if ctx.silu:
+            pre = _shifted_conv(x_tm, weight, bias)
+            sig = torch.sigmoid(pre)
+            dout = dout * sig * (1 + pre * (1 - sig))
+        dx = torch.mul(dout, weight[:, kernel - 1])
+        dweight = torch.empty_like(weight)
+        dweight[:, kernel - 1] = (dout * x_tm).sum((0, 1))
+        for k in range(kernel - 1):
+            shift = kernel - 1 - k
+            if shift < length:
+                dx[:length - shift].addcmul_(dout[shift:], weight[:, k])
+                dweight[:, k] = (dout[shift:] * x_tm[:length - shift]).sum((0, 1))
+            else:
+                dweight[:, k] = 0
+        dbias = dout.sum((0, 1)) if bias is not None else None
+        return dx, dweight, dbias, None
+
+
+def causal_conv1d_torch(x, weight, bias=None, activation=None):
+    """Pure PyTorch, every device; (batch, dim, length) views of time-major tensors cost no copy."""
+    silu = activation in ('silu', 'swish')
+    if not silu:
+        _activate(x, activation)  # validates the name
+    out = _CausalConv1dTimeMajor.apply(x.permute(2, 0, 1), weight, bias, silu)
+    return out.permute(1, 2, 0)
 
 
 def _fused_fn():

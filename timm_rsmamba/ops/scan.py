@@ -4,6 +4,7 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 ``u, delta, z: (batch, dim, length)``, ``A: (dim, state)``, ``B, C: (batch, state, length)``,
 ``D, delta_bias: (dim,)``. The recurrence per channel ``d`` and state ``n`` is::
 
+    delta = softplus(delta + delta_bias)
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t
     y_t = <h_t, C_t> + D * u_t ;  out = y * silu(z)
 
@@ -16,7 +17,6 @@ Backends:
   O(batch * length * dim) activations instead of O(batch * length * dim * state).
 * ``reference``: a plain sequential loop, the independent yardstick for tests and benchmarks.
 """
-import math
 import os
 from typing import Callable, Dict, Optional
 
@@ -30,31 +30,23 @@ BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 _CHUNK_ELEMENTS = 2 ** 22
 
 
-def _prepare_delta(delta, delta_bias, delta_softplus):
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None].to(delta.dtype)
-    return F.softplus(delta) if delta_softplus else delta
-
-
-def _finish(y, u, D, z, out_dtype):
-    if D is not None:
-        y = y + u * D[:, None].to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y.to(out_dtype)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in fp32 at least (fp64 stays fp64 so gradcheck works)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _positive_delta(delta_raw, delta_bias, softplus):
+    delta = delta_raw if delta_bias is None else delta_raw + delta_bias
+    return F.softplus(delta) if softplus else delta
 
 
 def selective_scan_reference(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
     """Plain sequential scan, one position at a time: slow, obvious, used to check the others."""
     ct = _compute_dtype(u.dtype)
-    u_c, delta_c, A_c, B_c, C_c = (t.to(ct) for t in (u, delta, A, B, C))
-    delta_c = _prepare_delta(delta_c, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    u_c, A_c, B_c, C_c = (t.to(ct) for t in (u, A, B, C))
+    delta_c = _positive_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct)[:, None],
+                              delta_softplus)
     batch, dim, length = u.shape
     h = u_c.new_zeros(batch, dim, A.shape[1])
     ys = []
@@ -63,7 +55,11 @@ def selective_scan_reference(
         h = decay * h + (delta_c[:, :, t] * u_c[:, :, t])[:, :, None] * B_c[:, None, :, t]
         ys.append((h * C_c[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u_c.new_zeros(batch, dim, 0)
-    out = _finish(y, u_c, None if D is None else D.to(ct), z, u.dtype)
+    if D is not None:
+        y = y + u_c * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    out = y.to(u.dtype)
     return (out, h) if return_last_state else out
 
 
@@ -73,89 +69,114 @@ def _chunk_len(batch: int, dim: int, state: int, length: int, chunk_len: Optiona
     return max(1, min(chunk_len, length))
 
 
-def _chunk_terms(u, delta, A, B, t0, t1, decay_buf, drive_buf):
-    """decay_t = exp(delta_t A) and drive_t = delta_t u_t B_t for one chunk, written into reused buffers."""
-    n = t1 - t0
-    decay = torch.mul(delta[t0:t1, :, :, None], A, out=decay_buf[:n]).exp_()
-    drive = torch.mul((delta[t0:t1] * u[t0:t1])[..., None], B[t0:t1, :, None, :], out=drive_buf[:n])
-    return decay, drive
+def _chunk_states(h0, u, delta, A, B, decay_buf, state_buf):
+    """States h_t of one chunk, written into state_buf; decay_t = exp(delta_t A) is left in decay_buf.
 
-
-def _chunk_states(h, decay, drive):
-    """Run the recurrence over one chunk in place: on return ``drive[t]`` holds h_t."""
-    drive[0].addcmul_(decay[0], h)
-    for t in range(1, drive.shape[0]):
-        drive[t].addcmul_(decay[t], drive[t - 1])
-    return drive
+    Each position costs one in-place multiply-add over the whole (batch, dim, state) state.
+    """
+    n = u.shape[0]
+    decay = torch.mul(delta[..., None], A, out=decay_buf[:n]).exp_()
+    hs = torch.mul((delta * u)[..., None], B[:, :, None, :], out=state_buf[:n])
+    hs[0].addcmul_(decay[0], h0)
+    for t in range(1, n):
+        hs[t].addcmul_(decay[t], hs[t - 1])
+    return hs, decay
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Core recurrence y_t = <h_t, C_t> on time-major tensors; delta is already positive.
+    """The whole selective scan on time-major tensors, chunk by chunk.
 
-    Inputs: u, delta (L, b, d); A (d, n); B, C (L, b, n). Saves only the inputs and one state
-    per chunk boundary; backward re-runs each chunk forward, then the adjoint recurrence.
+    Inputs: u, delta_raw, z (L, b, d) (any strides); A (d, n); B, C (L, b, n); D, delta_bias (d,) or None.
+    Softplus, the D skip and the SiLU(z) gate happen per chunk inside, so autograd keeps only the
+    inputs plus one (b, d, n) state per chunk boundary; backward re-runs each chunk forward (states,
+    core output), then the adjoint recurrence g_t = dL/dh_t = dy_t C_t + decay_{t+1} g_{t+1}.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk_len):
+    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len):
         length, batch, dim = u.shape
         state = A.shape[1]
-        h = u.new_zeros(batch, dim, state)
-        y = u.new_empty(length, batch, dim)
-        starts = list(range(0, length, chunk_len))
+        out = u.new_empty(length, batch, dim)
+        starts = range(0, length, chunk_len)
         boundary = u.new_empty(len(starts), batch, dim, state)
-        decay_buf = u.new_empty(min(chunk_len, length), batch, dim, state)
-        drive_buf = torch.empty_like(decay_buf)
+        h = u.new_zeros(batch, dim, state)
+        bufs = [u.new_empty(min(chunk_len, length), batch, dim, state) for _ in range(2)]
         for i, t0 in enumerate(starts):
-            t1 = min(t0 + chunk_len, length)
-            boundary[i] = h
-            h = boundary[i]  # the previous chunk's state lives in drive_buf, about to be overwritten
-            decay, drive = _chunk_terms(u, delta, A, B, t0, t1, decay_buf, drive_buf)
-            hs = _chunk_states(h, decay, drive)
-            torch.matmul(hs, C[t0:t1, :, :, None], out=y[t0:t1, :, :, None])
+            sl = slice(t0, min(t0 + chunk_len, length))
+            boundary[i] = h  # copy out: h lives in a buffer the next chunk overwrites
+            hs, _ = _chunk_states(boundary[i], u[sl], _positive_delta(delta_raw[sl], delta_bias, softplus),
+                                  A, B[sl], *bufs)
+            y = out[sl]
+            torch.matmul(hs, C[sl, :, :, None], out=y[..., None])
+            if D is not None:
+                y.addcmul_(u[sl], D)
+            if z is not None:
+                y.mul_(F.silu(z[sl]))
             h = hs[-1]
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, boundary)
+        ctx.softplus, ctx.chunk_len = softplus, chunk_len
         last = h.clone()
-        ctx.save_for_backward(u, delta, A, B, C, boundary)
-        ctx.chunk_len = chunk_len
         ctx.mark_non_differentiable(last)
-        return y, last
+        return out, last
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
-        u, delta, A, B, C, boundary = ctx.saved_tensors
+    def backward(ctx, dout, _dlast):
+        u, delta_raw, A, B, C, D, z, delta_bias, boundary = ctx.saved_tensors
         chunk_len = ctx.chunk_len
         length, batch, dim = u.shape
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        state = A.shape[1]
+        du, ddelta_raw = torch.empty_like(u), torch.empty_like(u)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dz = torch.empty_like(u) if z is not None else None
         dA = torch.zeros_like(A)
-        carry = None  # decay_{t1} * adjoint_{t1} flowing back from the next chunk
-        starts = list(range(0, length, chunk_len))
-        decay_buf = u.new_empty(min(chunk_len, length), batch, dim, A.shape[1])
-        drive_buf = torch.empty_like(decay_buf)
+        dD = torch.zeros_like(D) if D is not None else None
+        decay_buf, state_buf, adj_buf, gd_buf = (
+            u.new_empty(min(chunk_len, length), batch, dim, state) for _ in range(4))
+        carry = None  # decay_{t1} * g_{t1} flowing back from the following chunk
+        starts = range(0, length, chunk_len)
         for i in reversed(range(len(starts))):
-            t0 = starts[i]
-            t1 = min(t0 + chunk_len, length)
-            sl = slice(t0, t1)
-            h0 = boundary[i]
-            decay, drive = _chunk_terms(u, delta, A, B, t0, t1, decay_buf, drive_buf)
-            hs = _chunk_states(h0, decay, drive)
-            # adjoint g_t = dL/dh_t = dy_t C_t + decay_{t+1} g_{t+1}, accumulated in place
-            g = dy[sl, :, :, None] * C[sl, :, None, :]
+            sl = slice(starts[i], min(starts[i] + chunk_len, length))
+            n = sl.stop - sl.start
+            u_c, h0 = u[sl], boundary[i]
+            pre = delta_raw[sl] if delta_bias is None else delta_raw[sl] + delta_bias
+            delta = F.softplus(pre) if ctx.softplus else pre
+            hs, decay = _chunk_states(h0, u_c, delta, A, B[sl], decay_buf, state_buf)
+            # gradient reaching the core output <h_t, C_t> through the SiLU(z) gate and the D skip
+            dy = dout[sl]
+            if z is not None:
+                y = torch.matmul(hs, C[sl, :, :, None]).squeeze(-1)
+                if D is not None:
+                    y.addcmul_(u_c, D)
+                z_c = z[sl]
+                sig = torch.sigmoid(z_c)
+                dz[sl] = dy * y * sig * (1 + z_c * (1 - sig))
+                dy = dy * (z_c * sig)
+            if D is not None:
+                dD += (dy * u_c).sum((0, 1))
+            torch.matmul(dy[:, :, None, :], hs, out=dC[sl, :, None, :])
+            g = torch.mul(dy[..., None], C[sl, :, None, :], out=adj_buf[:n])
             if carry is not None:
                 g[-1].add_(carry)
-            for t in range(g.shape[0] - 2, -1, -1):
+            for t in range(n - 2, -1, -1):
                 g[t].addcmul_(decay[t + 1], g[t + 1])
             carry = decay[0] * g[0]
-            torch.matmul(dy[sl, :, None, :], hs, out=dC[sl, :, None, :])
-            # previous states h_{t-1}: the chunk's start state, then hs shifted by one
-            h_prev = torch.cat([h0[None], hs[:-1]], dim=0)
-            g_decay = g * h_prev * decay  # dL/d(delta_t * A)
-            dA += torch.einsum('lbdn,lbd->dn', g_decay, delta[sl])
+            # gd = dL/d(delta_t A) = g_t * h_{t-1} * decay_t, where h_{-1} is the chunk's start state
+            gd = gd_buf[:n]
+            torch.mul(g[0], h0, out=gd[0])
+            torch.mul(g[1:], hs[:-1], out=gd[1:])
+            gd.mul_(decay)
+            dA += torch.bmm(delta.reshape(n * batch, dim).t()[:, None, :],
+                            gd.reshape(n * batch, dim, state).transpose(0, 1)).squeeze(1)
             g_b = torch.matmul(g, B[sl, :, :, None]).squeeze(-1)  # sum_n g * B
-            ddelta[sl] = (g_decay * A).sum(-1) + g_b * u[sl]
-            du[sl] = g_b * delta[sl]
-            torch.matmul((delta[sl] * u[sl])[:, :, None, :], g, out=dB[sl, :, None, :])
-        return du, ddelta, dA, dB, dC, None
+            torch.matmul(((delta * u_c))[:, :, None, :], g, out=dB[sl, :, None, :])
+            ddelta = (gd * A).sum(-1).addcmul_(g_b, u_c)
+            du_c = g_b.mul_(delta)
+            if D is not None:
+                du_c.addcmul_(dy, D)
+            du[sl] = du_c
+            ddelta_raw[sl] = ddelta.mul_(torch.sigmoid(pre)) if ctx.softplus else ddelta
+        d_bias = ddelta_raw.sum((0, 1)) if delta_bias is not None else None
+        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None
 
 
 def selective_scan_chunked(
@@ -171,26 +192,20 @@ def selective_scan_chunked(
     state = A.shape[1]
 
     def time_major(t):
-        return t.permute(2, 0, 1).to(ct).contiguous()
+        return None if t is None else t.permute(2, 0, 1).to(ct)
+
+    def vector(t):
+        return None if t is None else t.to(ct).contiguous()
 
     with torch.autocast(u.device.type, enabled=False):
-        u_tm = time_major(u)
-        delta_tm = time_major(delta)
-        if delta_bias is not None:
-            delta_tm = delta_tm + delta_bias.to(ct)
-        if delta_softplus:
-            delta_tm = F.softplus(delta_tm)
         if length == 0:
-            y_tm, last = u_tm.new_zeros(0, batch, dim), u_tm.new_zeros(batch, dim, state)
+            out, last = u.new_zeros(0, batch, dim, dtype=ct), u.new_zeros(batch, dim, state, dtype=ct)
         else:
-            chunk = _chunk_len(batch, dim, state, length, chunk_len)
-            y_tm, last = _ChunkedScan.apply(
-                u_tm, delta_tm, A.to(ct).contiguous(), time_major(B), time_major(C), chunk)
-        if D is not None:
-            y_tm = y_tm + u_tm * D.to(ct)
-        if z is not None:
-            y_tm = y_tm * F.silu(time_major(z))
-        out = y_tm.to(u.dtype).permute(1, 2, 0)
+            out, last = _ChunkedScan.apply(
+                time_major(u), time_major(delta), A.to(ct).contiguous(), time_major(B), time_major(C),
+                vector(D), time_major(z), vector(delta_bias), delta_softplus,
+                _chunk_len(batch, dim, state, length, chunk_len))
+        out = out.to(u.dtype).permute(1, 2, 0)
     return (out, last) if return_last_state else out
 
 
