@@ -1,0 +1,18 @@
+"""Remote-sensing data for timm: datasets with label names, robust image decoding, class-order mapping.
+
+Command-line tools: ``python -m timm_rsmamba.data.split`` (class folders -> train/val[/test], by ratio or from
+the paper's split lists) and ``python -m timm_rsmamba.data.stats`` (per-channel mean/std).
+"""
+from timm.data import add_img_extensions as _add_img_extensions, get_img_extensions as _get_img_extensions
+
+from .dataset import (
+    SPLIT_NAMES, CorruptImageError, DataError, RSImageDataset, check_num_classes, create_rs_dataset, label_mapping,
+)
+from .images import HIGH_BIT_DEPTH_MODES, convert_image, load_image, to_uint8
+
+__all__ = [
+    'create_rs_dataset', 'RSImageDataset', 'check_num_classes', 'label_mapping', 'DataError', 'CorruptImageError',
+    'SPLIT_NAMES', 'load_image', 'convert_image', 'to_uint8', 'HIGH_BIT_DEPTH_MODES',
+]
+
+_add_img_extensions(tuple(e for e in ('.tif', '.tiff') if e not in _get_img_extensions()))  # UC Merced ships .tif
