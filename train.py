@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Train RSMamba (or any timm model) on remote-sensing scene classification data.
+
+    python train.py sample_data/ucmerced -c configs/quickstart.yaml
+    torchrun --nproc_per_node 4 train.py /data/ucm_split -c configs/rsmamba_base_ucm.yaml
+
+Flags follow timm's train.py (`python train.py --help`); the logic lives in timm_rsmamba.training.
+"""
+import logging
+import sys
+
+import timm_rsmamba  # noqa: F401  (registers the RSMamba models and .tif/.tiff images)
+from timm import utils
+from timm_rsmamba.data import DataError
+from timm_rsmamba.training import CheckpointError, ConfigError, parse_args, train
+
+_logger = logging.getLogger('train')
+
+
+def main(argv=None):
+    utils.setup_default_logging()
+    args, args_text = parse_args(argv)
+    try:
+        train(args, args_text)
+    except (ConfigError, CheckpointError, DataError) as e:  # bad input: the message says what to do
+        _logger.error(str(e))
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
