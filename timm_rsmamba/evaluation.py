@@ -1,0 +1,457 @@
+"""The logic behind validate.py and inference.py: model + checkpoint loading with class names, evaluation with
+exact multi-process metrics, and per-image prediction tables.
+
+Class names travel with the model: a train.py checkpoint stores ``label_names``; a tagged or hub model
+(``rsmamba_base.ucm``, ``hf-hub:...``, ``local-dir:...``, ``--pretrained``) carries them in
+``pretrained_cfg['label_names']``. When they are known, evaluation matches data classes to model classes by name
+(``timm_rsmamba.data.label_mapping``), so the paper's non-alphabetical class order never mislabels a folder.
+"""
+import importlib.util
+import logging
+import os
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import timm
+from timm import utils
+from timm.data import create_loader, resolve_data_config
+from timm.models import clean_state_dict, split_model_name_tag
+
+from .data import DataError, check_num_classes, create_rs_dataset, label_mapping, load_image
+from .metrics import (drop_sampler_padding, format_per_class_table, gather_across_ranks, metrics_from_logits,
+                      save_confusion_matrix_png)
+
+__all__ = ['EvalModel', 'read_checkpoint', 'build_eval_model', 'resolve_device', 'run_validation',
+           'write_results', 'FileListDataset', 'collect_inputs', 'run_inference', 'save_predictions']
+
+_logger = logging.getLogger(__name__)
+
+_HEAD_KEYS = ('head.weight', 'head.fc.weight', 'fc.weight', 'classifier.weight', 'head.fc.fc.weight')
+
+
+@dataclass
+class EvalModel:
+    model: torch.nn.Module
+    model_name: str
+    label_names: Optional[List[str]] = None
+    label_source: str = 'none'
+    checkpoint: Dict[str, Any] = field(default_factory=dict)
+    img_size: Optional[int] = None  # the size the model was built for when given explicitly (model kwargs)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint as a dict with 'state_dict' (plain state dicts and .safetensors are wrapped); safe loading."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    if path.endswith('.safetensors'):
+        import safetensors.torch
+        return {'state_dict': safetensors.torch.load_file(path)}
+    from timm.models._helpers import _torch_load  # weights_only loading that allows timm's args Namespace
+    try:
+        ckpt = _torch_load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise DataError(f'cannot read checkpoint {path!r} ({type(e).__name__}: {e})') from e
+    if not isinstance(ckpt, dict):
+        raise DataError(f'checkpoint {path!r} holds a {type(ckpt).__name__}, not a state dict')
+    if not any(k in ckpt for k in ('state_dict', 'model', 'state_dict_ema')):
+        ckpt = {'state_dict': ckpt}
+    elif 'state_dict' not in ckpt and 'model' in ckpt:
+        ckpt['state_dict'] = ckpt['model']
+    return ckpt
+
+
+def _head_classes(state_dict) -> Optional[int]:
+    for key in _HEAD_KEYS:
+        if key in state_dict and getattr(state_dict[key], 'ndim', 0) == 2:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def _create_model_fn():
+    if importlib.util.find_spec('timm_rsmamba.hub') is not None:
+        from .hub import create_model
+        return create_model
+    return timm.create_model
+
+
+def _is_rsmamba(model) -> bool:
+    return type(model).__module__.startswith('timm_rsmamba')
+
+
+def _names_are_the_models(model_name: str, pretrained: bool) -> bool:
+    """Whether pretrained_cfg['label_names'] describes this model's head. Untagged RSMamba names get the .ucm
+    default cfg, so its names only apply when a tag, a hub/local source or --pretrained asked for them."""
+    if pretrained or model_name.startswith(('hf-hub:', 'local-dir:')):
+        return True
+    return bool(split_model_name_tag(model_name)[1])
+
+
+def build_eval_model(model_name: Optional[str], checkpoint: str = '', pretrained: bool = False,
+                     num_classes: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                     img_size: Optional[int] = None, in_chans: Optional[int] = None,
+                     use_ema: bool = False) -> EvalModel:
+    """Create the model (through timm_rsmamba.hub.create_model when present), load the checkpoint, find names.
+
+    Architecture, model kwargs and number of classes default to what a train.py checkpoint recorded.
+    """
+    ckpt = read_checkpoint(checkpoint) if checkpoint else {}
+    model_name = model_name or ckpt.get('arch')
+    if not model_name:
+        raise DataError('no model given: pass --model NAME (the checkpoint does not record its architecture)')
+    kwargs = dict(ckpt.get('model_kwargs') or {})
+    kwargs.update(model_kwargs or {})
+    if in_chans:
+        kwargs['in_chans'] = in_chans
+    state_dict = None
+    if ckpt:
+        key = 'state_dict_ema' if use_ema and 'state_dict_ema' in ckpt else 'state_dict'
+        state_dict = clean_state_dict(ckpt[key])
+    ckpt_names = list(ckpt['label_names']) if ckpt.get('label_names') else None
+    nc = num_classes or ckpt.get('num_classes') or (len(ckpt_names) if ckpt_names else None)
+    if nc is None and state_dict is not None:
+        nc = _head_classes(state_dict)
+    if nc is not None:
+        kwargs['num_classes'] = int(nc)
+    if img_size and 'img_size' not in (model_kwargs or {}) and model_name.split(':')[-1].startswith('rsmamba'):
+        kwargs['img_size'] = img_size  # RSMamba's position embedding is sized to the input; resampled on load
+    model = _create_model_fn()(model_name, pretrained=pretrained, **kwargs)
+    if state_dict is not None:
+        if _is_rsmamba(model):
+            from .models.rsmamba import checkpoint_filter_fn
+            state_dict = checkpoint_filter_fn(state_dict, model)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            head = _head_classes(state_dict)
+            if head is not None and head != model.num_classes:
+                raise DataError(
+                    f'checkpoint {checkpoint!r} has a {head}-class head but the model was built with '
+                    f'{model.num_classes} classes; drop --num-classes or set it to {head}') from e
+            raise DataError(f'checkpoint {checkpoint!r} does not fit model {model_name!r}: {e}') from e
+        if ckpt.get('pretrained_cfg'):
+            model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', None) or {}, **ckpt['pretrained_cfg'])
+    cfg_names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    names, source = None, 'none'
+    if ckpt_names:
+        names, source = ckpt_names, 'checkpoint'
+    elif cfg_names and _names_are_the_models(model_name, pretrained) and len(cfg_names) == model.num_classes:
+        names, source = list(cfg_names), 'pretrained_cfg'
+    if names is not None and len(names) != model.num_classes:
+        raise DataError(f'the checkpoint lists {len(names)} class names for a {model.num_classes}-class head')
+    built = kwargs.get('img_size')
+    if isinstance(built, (tuple, list)):
+        built = built[-1]
+    if ckpt.get('pretrained_cfg', {}).get('input_size'):
+        built = None  # the checkpoint's recorded input size wins
+    return EvalModel(model, model_name, names, source, ckpt, built)
+
+
+def resolve_device(args) -> torch.device:
+    """--device (default cuda when available, else cpu); joins the torchrun process group when launched by it."""
+    if not getattr(args, 'device', None):
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise DataError(f'--device {args.device}: CUDA is not available here; use --device cpu')
+    return utils.init_distributed_device(args)
+
+
+def _amp(args, device):
+    if not getattr(args, 'amp', False):
+        return suppress
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def _data_config(args, em: EvalModel):
+    """timm's resolve_data_config; a model built for another size than its pretrained_cfg says (e.g.
+    --model-kwargs img_size=64) is fed at the size it was built for, unless --img-size/--input-size say otherwise."""
+    cfg_args = {k: getattr(args, k, None) for k in ('img_size', 'input_size', 'crop_pct', 'crop_mode', 'mean',
+                                                     'std', 'interpolation', 'in_chans')}
+    if cfg_args['img_size'] is None and cfg_args['input_size'] is None and em.img_size is not None:
+        cfg_args['img_size'] = em.img_size
+    return resolve_data_config(cfg_args, model=em.model, use_test_size=True)
+
+
+def _prepare_model(model, device, args):
+    model = model.to(device)
+    if getattr(args, 'channels_last', False):
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def _forward_all(model, loader, device, args, amp_autocast, tag='Test'):
+    """Logits and targets of the whole loader, with timm-style progress lines (time and ETA)."""
+    outs, targets = [], []
+    batch_time = utils.AverageMeter()
+    last = len(loader) - 1
+    log_freq = getattr(args, 'log_freq', 10) or 10
+    end = time.time()
+    with torch.inference_mode():
+        for i, (input, target) in enumerate(loader):
+            input, target = input.to(device), target.to(device)
+            if getattr(args, 'channels_last', False):
+                input = input.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                out = model(input)
+            outs.append(out.float())
+            targets.append(target)
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if utils.is_primary(args) and (i % log_freq == 0 or i == last):
+                _logger.info(f'{tag}: [{i:>4d}/{last + 1}]  Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, '
+                             f'{input.shape[0] / max(batch_time.avg, 1e-9):>7.2f}/s)  '
+                             f'ETA: {(last - i) * batch_time.avg:.0f}s')
+    n_out = getattr(model, 'num_classes', None) or 0
+    logits = torch.cat(outs) if outs else torch.empty(0, n_out, device=device)
+    target = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long, device=device)
+    return logits, target
+
+
+def run_validation(args) -> OrderedDict:
+    """Evaluate ``args`` (validate.py's flags); returns timm-style results (top1, top5, macro_* ...).
+
+    Under torchrun each rank evaluates its share; predictions are gathered and the sampler's padding
+    duplicates dropped, so the metrics equal a single-process run's exactly.
+    """
+    device = resolve_device(args)
+    em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
+                          args.img_size, args.in_chans, args.use_ema)
+    model = _prepare_model(em.model, device, args)
+    data_config = _data_config(args, em)
+    root = args.data or args.data_dir
+    dataset = create_rs_dataset(
+        args.dataset, root, args.split, is_training=False, class_map=args.class_map, input_key=args.input_key,
+        target_key=args.target_key, skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
+        input_img_mode='RGB' if data_config['input_size'][0] == 3 else 'L')
+    data_names = list(dataset.label_names) if dataset.label_names else None
+    num_classes = em.model.num_classes
+    if em.label_names and data_names:
+        mapping = label_mapping(em.label_names, data_names)
+        names = em.label_names
+        if mapping != list(range(len(data_names))) and utils.is_primary(args):
+            _logger.info(f'data classes matched to the model\'s by name (class names from the {em.label_source}; '
+                         f'the model\'s order differs from the data\'s)')
+    else:
+        if data_names is not None:
+            check_num_classes(num_classes, data_names)
+            if utils.is_primary(args):
+                _logger.warning('the model carries no class names: assuming its classes are in the data\'s order '
+                                f'({", ".join(data_names[:5])}, ...)')
+        mapping, names = list(range(num_classes)), data_names
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), device=device)
+    logits, targets = _forward_all(model, loader, device, args, _amp(args, device))
+    if args.distributed:
+        logits = drop_sampler_padding(gather_across_ranks(logits), len(dataset), args.world_size)
+        targets = drop_sampler_padding(gather_across_ranks(targets), len(dataset), args.world_size)
+        torch.distributed.destroy_process_group()  # a rank exiting with the group alive aborts under gloo
+    targets = torch.as_tensor(mapping, device=targets.device)[targets]
+    logits, targets = logits.cpu(), targets.cpu()
+    metrics = metrics_from_logits(logits, targets, num_classes, topk=(1, 5), average=args.metrics_avg)
+    avg = args.metrics_avg
+    results = OrderedDict(
+        model=em.model_name, top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
+        top5=round(metrics['top5'], 4), top5_err=round(100 - metrics['top5'], 4),
+        **{f'{avg}_precision': round(metrics['precision'], 4), f'{avg}_recall': round(metrics['recall'], 4),
+           f'{avg}_f1_score': round(metrics['f1'], 4)},
+        loss=round(F.cross_entropy(logits, targets).item(), 6) if len(targets) else float('nan'),
+        num_images=metrics['num_samples'], num_classes=num_classes,
+        param_count=round(sum(p.numel() for p in em.model.parameters()) / 1e6, 2),
+        img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'])
+    if args.checkpoint:
+        results['checkpoint'] = args.checkpoint
+    skipped = getattr(dataset, 'skipped_files', [])
+    if skipped:
+        results['skipped_images'] = len(skipped)
+    results['_metrics'], results['_label_names'] = metrics, names
+    return results
+
+
+def write_results(path: str, results: Dict[str, Any], fmt: str = 'csv'):
+    """Summary as csv (one row, timm's layout) or json (summary plus a per-class list)."""
+    public = OrderedDict((k, v) for k, v in results.items() if not k.startswith('_'))
+    if fmt == 'json':
+        import json
+        metrics, names = results.get('_metrics'), results.get('_label_names')
+        if metrics is not None:
+            per = metrics['per_class']
+            n = len(per['support'])
+            names = names or [str(i) for i in range(n)]
+            public['per_class'] = [
+                {'class': names[i], 'precision': round(float(per['precision'][i]), 4),
+                 'recall': round(float(per['recall'][i]), 4), 'f1': round(float(per['f1'][i]), 4),
+                 'support': int(per['support'][i])} for i in range(n)]
+            public['confusion_matrix'] = metrics['confusion_matrix'].tolist()
+        with open(path, 'w') as f:
+            json.dump(public, f, indent=4)
+    elif fmt == 'csv':
+        import csv
+        with open(path, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(public))
+            w.writeheader()
+            w.writerow(public)
+    else:
+        raise DataError(f'--results-format {fmt!r}: use csv or json')
+
+
+def report_validation(results: Dict[str, Any], confusion_matrix: Optional[str] = None) -> str:
+    """Log lines people read: the timm summary line, the per-class table; optionally the confusion-matrix PNG."""
+    metrics, names = results['_metrics'], results['_label_names']
+    avg = metrics['average']
+    line = (f' * Acc@1 {results["top1"]:.3f} ({results["top1_err"]:.3f}) Acc@5 {results["top5"]:.3f} '
+            f'({results["top5_err"]:.3f}) | Precision({avg}) {metrics["precision"]:.3f} | Recall({avg}) '
+            f'{metrics["recall"]:.3f} | F1-score({avg}) {metrics["f1"]:.3f}')
+    table = format_per_class_table(metrics, names)
+    if confusion_matrix:
+        os.makedirs(os.path.dirname(os.path.abspath(confusion_matrix)), exist_ok=True)
+        save_confusion_matrix_png(metrics['confusion_matrix'], names or [str(i) for i in
+                                                                          range(len(metrics['per_class']['support']))],
+                                  confusion_matrix)
+    return f'{line}\n{table}'
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Images from a list of paths (no labels), decoded with ``load_image``; timm's create_loader sets transform."""
+
+    def __init__(self, files: Sequence[str], input_img_mode: str = 'RGB'):
+        self.files = list(files)
+        self.input_img_mode = input_img_mode
+        self.transform = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            img = load_image(self.files[index], self.input_img_mode)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f'cannot read image {self.files[index]}: {e}') from e
+        return (self.transform(img) if self.transform is not None else img), 0
+
+    def filenames(self, basename: bool = False, absolute: bool = False):
+        if basename:
+            return [os.path.basename(f) for f in self.files]
+        return [os.path.abspath(f) for f in self.files] if absolute else list(self.files)
+
+
+def collect_inputs(inputs: Sequence[str]) -> List[str]:
+    """Image paths from files, folders (recursive) and .txt lists of paths (one per line), in the given order."""
+    from .data.stats import find_images
+    from timm.data.readers.img_extensions import get_img_extensions
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files.extend(find_images(item))
+        elif os.path.isfile(item) and item.lower().endswith('.txt'):
+            base = os.path.dirname(item)
+            with open(item) as f:
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith('#'):
+                        files.append(line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f'input {item!r} does not exist')
+    if not files:
+        raise DataError(f'no images found in {", ".join(inputs)} (extensions {", ".join(get_img_extensions())})')
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f'{len(missing)} listed image(s) do not exist, e.g. {missing[0]!r}')
+    return files
+
+
+def _class_map_names(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise DataError(f'class map {path!r} does not exist')
+    if not path.endswith('.txt'):
+        from timm.data.readers.class_map import load_class_map
+        by_idx = {v: k for k, v in load_class_map(path).items()}
+        return [str(by_idx[i]) for i in sorted(by_idx)]
+    with open(path, encoding='utf-8') as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def run_inference(args):
+    """Predict every input image; returns a pandas DataFrame with one row per image (timm inference layout)."""
+    import numpy as np
+    import pandas as pd
+    device = resolve_device(args)
+    em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
+                          args.img_size, args.in_chans)
+    model = _prepare_model(em.model, device, args)
+    num_classes = em.model.num_classes
+    names = em.label_names
+    if args.class_map:
+        names = _class_map_names(args.class_map)
+        if len(names) != num_classes:
+            raise DataError(f'--class-map {args.class_map} lists {len(names)} classes, the model has {num_classes}')
+    if args.label_type in ('name', 'description', 'detailed') and names is None:
+        raise DataError('class names unknown: the checkpoint has no label_names; pass --class-map FILE (one name '
+                        'per line, in the model\'s index order) or --label-type index / none')
+    data_config = _data_config(args, em)
+    inputs = list(args.data or []) + ([args.data_dir] if args.data_dir else [])
+    dataset = FileListDataset(collect_inputs(inputs), 'RGB' if data_config['input_size'][0] == 3 else 'L')
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'), device=device)
+    logits, _ = _forward_all(model, loader, device, args, _amp(args, device), tag='Predict')
+    out = logits.softmax(-1) if args.output_type == 'prob' else logits
+    k = min(args.topk, num_classes)
+    values, indices = out.topk(k) if k else (out, None)
+    values, indices = values.cpu().numpy(), (indices.cpu().numpy() if indices is not None else None)
+    filenames = dataset.filenames(basename=not args.fullname)
+    if len(set(filenames)) < len(filenames):
+        _logger.warning('some images share a file name: writing full paths (as --fullname)')
+        filenames = dataset.filenames()
+    data = OrderedDict(filename=filenames)
+    cols = OrderedDict()
+    if indices is not None and (args.include_index or args.label_type == 'index'):
+        cols['index'] = indices
+    if indices is not None and args.label_type in ('name', 'description', 'detailed'):
+        cols['label'] = np.vectorize(lambda i: names[i], otypes=[object])(indices)
+    if not args.exclude_output:
+        cols[args.output_type] = values
+    for col, arr in cols.items():
+        if args.results_separate_col and arr.shape[-1] > 1:
+            for j in range(arr.shape[-1]):
+                data[f'{col}_{j}'] = arr[:, j]
+        else:
+            data[col] = arr[:, 0] if arr.shape[-1] == 1 else arr.tolist()
+    df = pd.DataFrame(data)
+    df.attrs['model_name'] = em.model_name
+    df.attrs['img_size'] = data_config['input_size'][-1]
+    return df
+
+
+_FMT_EXT = {'csv': '.csv', 'json': '.json', 'json-split': '.json', 'json-records': '.json', 'parquet': '.parquet'}
+
+
+def save_predictions(df, filename: str, fmt: str) -> str:
+    """Write the prediction table as csv, json (keyed by filename), json-split, json-records or parquet."""
+    if fmt not in _FMT_EXT:
+        raise DataError(f'--results-format {fmt!r}: use one of {", ".join(_FMT_EXT)}')
+    path = filename + _FMT_EXT[fmt]
+    if fmt == 'parquet':
+        df.set_index('filename').to_parquet(path)
+    elif fmt == 'json':
+        df.set_index('filename').to_json(path, indent=4, orient='index')
+    elif fmt == 'json-records':
+        df.to_json(path, lines=True, orient='records')
+    elif fmt == 'json-split':
+        df.to_json(path, indent=4, orient='split', index=False)
+    else:
+        df.to_csv(path, index=False)
+    return path
