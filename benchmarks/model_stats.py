@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""RSMamba variants table: parameters, tokens and GFLOPs per image, measured rather than quoted.
+
+Dense FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmul, linear and convolution,
+2 FLOPs per multiply-add; norms, activations and other elementwise ops are not counted, as for every
+timm model). FlopCounterMode cannot see the selective scan (it is elementwise work in a loop, or a
+fused kernel), so the model is run with the scan swapped for a no-recurrence 'identity' backend and
+the scan is counted analytically from the shapes each call receives, following the spec's recurrence
+for every element of (3B, E, L, S):
+
+    dt*A (mul), exp, decay*h (mul), (dt*x)*B (mul), + (add), h*C (mul) and the sum over S (add) = 7
+
+plus 4 per element of (3B, E, L): dt*x, D*x, the + of the skip, the y*silu(z) gate (softplus and
+silu, like every activation, are not counted). The depthwise causal conv (kernel K) runs as
+elementwise multiply-adds in the pure-PyTorch backend, so it is counted here too: 2K per (3B, E, L).
+
+    python benchmarks/model_stats.py [--img-size 224] [--num-classes 21] [--peers]
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+import timm_rsmamba  # noqa: F401  (registers the rsmamba_* models)
+from timm_rsmamba.ops import SCAN_BACKENDS
+
+VARIANTS = ('rsmamba_small', 'rsmamba_base', 'rsmamba_large', 'rsmamba_huge')
+PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50')
+SCAN_FLOPS_PER_STATE = 7
+SCAN_FLOPS_PER_CHANNEL = 4
+
+_scan_elements = {'bel': 0, 'bels': 0}  # (3B*E*L) and (3B*E*L*S) seen by identity_scan while counting
+
+
+def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  return_last_state=False):
+    """A scan backend with no recurrence: ``u * D`` gated by ``silu(z)``.
+
+    It keeps everything around the scan (projections, conv, gate, layouts) and the output's dtype,
+    shape and autograd reach: a zero-weighted mean of delta, A, B, C and delta_bias is added so the
+    backward pass still reaches x_proj, dt_proj and A_log, so the difference to a real backend is the
+    recurrence alone. Also tallies the scan's element counts for the analytic FLOP count.
+    """
+    batch, dim, length = u.shape
+    _scan_elements['bel'] += batch * dim * length
+    _scan_elements['bels'] += batch * dim * length * A.shape[1]
+    y = u if D is None else u * D[:, None].to(u.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    touched = [t for t in (delta, A, B, C, delta_bias) if t is not None]
+    y = y + (sum(t.float().mean() for t in touched) * 0).to(y.dtype)
+    if return_last_state:
+        return y, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
+    return y
+
+
+def register_identity_scan():
+    """Make scan_backend='identity' available to timm.create_model('rsmamba_*', scan_backend=...)."""
+    SCAN_BACKENDS['identity'] = identity_scan
+
+
+def is_rsmamba(name: str) -> bool:
+    return name.startswith('rsmamba')
+
+
+def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> dict:
+    """GFLOPs of one image through ``model`` (eval mode, CPU): dense, scan, conv and total.
+
+    An RSMamba model must have been built with scan_backend='identity' and conv_backend='torch'
+    so that FlopCounterMode sees only the dense ops and the scan/conv are counted analytically.
+    """
+    model = model.eval()
+    x = torch.zeros(1, in_chans, img_size, img_size)
+    _scan_elements.update(bel=0, bels=0)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    dense = counter.get_total_flops()
+    scan = conv = 0
+    if hasattr(model, 'blocks') and hasattr(model.blocks[0], 'mixer'):
+        if model.blocks[0].mixer.scan_backend != 'identity':
+            raise ValueError('count_flops needs the RSMamba model built with scan_backend="identity"')
+        kernel = model.blocks[0].mixer.conv1d.kernel_size[0]
+        scan = SCAN_FLOPS_PER_STATE * _scan_elements['bels'] + SCAN_FLOPS_PER_CHANNEL * _scan_elements['bel']
+        conv = 2 * kernel * _scan_elements['bel']
+    return dict(dense=dense / 1e9, scan=scan / 1e9, conv=conv / 1e9, total=(dense + scan + conv) / 1e9)
+
+
+def flop_model(name: str, img_size: int, num_classes: int = 21, **kwargs) -> torch.nn.Module:
+    """The model as count_flops wants it (identity scan for RSMamba; img_size for ViTs)."""
+    if is_rsmamba(name):
+        register_identity_scan()
+        kwargs.update(scan_backend='identity', conv_backend='torch')
+    if is_rsmamba(name) or name.startswith(('deit', 'vit')):
+        kwargs['img_size'] = img_size
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def gflops_per_image(name: str, img_size: int, num_classes: int = 21, **kwargs) -> dict:
+    return count_flops(flop_model(name, img_size, num_classes, **kwargs), img_size)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=21)
+    parser.add_argument('--models', nargs='+', default=list(VARIANTS))
+    parser.add_argument('--peers', action='store_true', help=f'also list {", ".join(PEERS)}')
+    args = parser.parse_args(argv)
+
+    torch.set_grad_enabled(False)
+    names = list(args.models) + (list(PEERS) if args.peers else [])
+    print(f'torch {torch.__version__}, timm {timm.__version__}; {args.img_size} px, {args.num_classes} classes; '
+          'GFLOPs = 1e9 FLOPs, 2 per multiply-add')
+    print()
+    print('| model | depth | d | E | S | params | tokens | dense GFLOPs | scan GFLOPs | conv GFLOPs | '
+          'total GFLOPs/img |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for name in names:
+        model = flop_model(name, args.img_size, args.num_classes)
+        params = sum(p.numel() for p in model.parameters())
+        flops = count_flops(model, args.img_size)
+        if is_rsmamba(name):
+            mixer = model.blocks[0].mixer
+            shape = (len(model.blocks), model.embed_dim, mixer.intermediate_size, mixer.state_size)
+            tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        else:
+            shape = ('-',) * 4
+            tokens = getattr(getattr(model, 'patch_embed', None), 'num_patches', '-')
+        cells = [name, *shape, f'{params:,}', tokens, f"{flops['dense']:.2f}", f"{flops['scan']:.2f}",
+                 f"{flops['conv']:.3f}", f"{flops['total']:.2f}"]
+        print('| ' + ' | '.join(str(c) for c in cells) + ' |')
+        sys.stdout.flush()
+
+
+if __name__ == '__main__':
+    main()
