@@ -2,10 +2,10 @@
 """Throughput and peak memory of RSMamba's scan backends next to timm peers, as one markdown table.
 
 Rows, per RSMamba model in --models:
-  ours       default backends (auto: 'chunked' scan + 'torch' conv on CPU; fused 'mamba_ssm' +
+  ours       default backends (auto: 'compiled' scan + 'torch' conv on CPU; fused 'mamba_ssm' +
              'causal_conv1d' on CUDA when those import)
   ours_ckpt  the same with model.set_grad_checkpointing()
-  chunked    the pure-PyTorch backends forced (CUDA only by default; on CPU it is 'ours')
+  chunked    the pure-PyTorch backends forced, eager (no torch.compile)
   reference  the sequential reference scan (fewer steps: --ref-steps after --ref-warmup); its
              train step uses grad checkpointing unless --ref-no-ckpt, because without it the
              per-position autograd graph of all blocks does not fit in memory
@@ -36,7 +36,7 @@ PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16
 RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
-    'cpu': ('ours', 'ours_ckpt', 'reference', 'floor', 'deit_tiny', 'resnet50'),
+    'cpu': ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor', 'deit_tiny', 'resnet50'),
     'cuda': ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor', 'deit_small', 'deit_tiny', 'resnet50'),
 }
 
@@ -357,6 +357,10 @@ def print_ratios(results, flops, args, device_type):
               get('ours', 'train', 'img_s'), get('reference', 'train', 'img_s'), ('>= 4x', lambda r: r >= 4))
         ratio('train img/s ours_ckpt / reference (both with ckpt)', get('ours_ckpt', 'train', 'img_s'),
               get('reference', 'train', 'img_s'))
+        ratio('eval img/s ours / chunked (same kernels, eager)', get('ours', 'eval', 'img_s'),
+              get('chunked', 'eval', 'img_s'))
+        ratio('train img/s ours / chunked (same kernels, eager)', get('ours', 'train', 'img_s'),
+              get('chunked', 'train', 'img_s'))
         pct = lambda r: f'{100 * (r - 1):+.0f}%'  # noqa: E731
         ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', get('ours', 'eval', 'ms_img'),
               get('floor', 'eval', 'ms_img'), ('<= +60%', lambda r: r <= 1.6), pct)

@@ -5,8 +5,9 @@ import torch.nn.functional as F
 
 from timm_rsmamba.ops import causal_conv1d, resolve_scan_backend, selective_scan
 from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
+from timm_rsmamba.ops import scan as scan_module
 from timm_rsmamba.ops.scan import (
-    BACKEND_ENV_VAR, has_mamba_ssm, selective_scan_chunked, selective_scan_reference)
+    BACKEND_ENV_VAR, has_mamba_ssm, selective_scan_chunked, selective_scan_compiled, selective_scan_reference)
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -53,11 +54,36 @@ def test_reference_matches_naive_loop():
 ])
 @pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
 def test_chunked_matches_reference_values_and_grads(shape, chunk, opts):
-    x = make_inputs(*shape, **opts)
+    assert_matches_reference(make_inputs(*shape, **opts), selective_scan_chunked, chunk_len=chunk)
+
+
+@pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
+def test_compiled_matches_reference_values_and_grads(opts):
+    """torch.compile'd chunk kernels (forced even at this size), a tail chunk included."""
+    assert_matches_reference(make_inputs(2, 6, 37, 16, **opts), selective_scan_compiled, chunk_len=8,
+                             min_compile_elements=0)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError('no C++ compiler')
+    kernels = scan_module._ChunkKernels(compiled=False)
+    kernels.compiled, kernels.forward, kernels.backward = True, broken, broken
+    monkeypatch.setattr(scan_module, '_COMPILED', kernels)
+    monkeypatch.setattr(scan_module, '_COMPILE_ERROR', None)
+    x = make_inputs(1, 4, 10, 4)
+    with pytest.warns(UserWarning, match=r'torch.compile failed.*no C\+\+ compiler'):
+        y = selective_scan_compiled(**x, delta_softplus=True, min_compile_elements=0)
+    torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
+    assert scan_module._compiled_kernels() is None  # it does not try again
+
+
+def assert_matches_reference(x, scan_fn, **kwargs):
+    """Values within 1e-5 and gradients of every input within 1e-4 (relative to the largest) of the reference."""
     xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
     xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
     y_ref = selective_scan_reference(**xs_ref, delta_softplus=True)
-    y_new = selective_scan_chunked(**xs_new, delta_softplus=True, chunk_len=chunk)
+    y_new = scan_fn(**xs_new, delta_softplus=True, **kwargs)
     torch.testing.assert_close(y_new, y_ref, rtol=1e-5, atol=1e-5)
     weight = torch.randn_like(y_ref)
     (y_ref * weight).sum().backward()
@@ -121,7 +147,8 @@ def test_causal_conv_matches_reference(L):
 
 def test_backend_switch_env_and_errors(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
-    assert resolve_scan_backend(None, torch.device('cpu')) == 'chunked'
+    assert resolve_scan_backend(None, torch.device('cpu')) == 'compiled'
+    assert resolve_scan_backend(None, torch.device('meta')) == 'chunked'  # devices without inductor support
     assert resolve_scan_backend('reference') == 'reference'
     monkeypatch.setenv(BACKEND_ENV_VAR, 'reference')
     assert resolve_scan_backend(None) == 'reference'
