@@ -5,15 +5,21 @@ Rows, per RSMamba model in --models:
   ours       default backends (auto: 'compiled' scan + 'torch' conv on CPU; fused 'mamba_ssm' +
              'causal_conv1d' on CUDA when those import)
   ours_ckpt  the same with model.set_grad_checkpointing()
-  chunked    the pure-PyTorch backends forced, eager (no torch.compile)
+  compiled   the pure-PyTorch backends forced ('compiled' scan + 'torch' conv): on CUDA, what runs
+             without the extra
+  chunked    the same chunk kernels, eager (no torch.compile)
   reference  the sequential reference scan (fewer steps: --ref-steps after --ref-warmup); its
              train step uses grad checkpointing unless --ref-no-ckpt, because without it the
              per-position autograd graph of all blocks does not fit in memory
+  original   the published code's CPU path (transformers' slow scan, restated in
+             model_stats.original_fallback_scan), steps as the reference, trained without checkpointing
+             as the original is: it stops at --rss-limit-gb
   floor      the scan replaced by an identity that does no recurrence (model_stats.identity_scan)
 and once: deit_tiny, resnet50 (and deit_small on CUDA), what a user might pick instead.
 
 Every (row, mode) runs in its own child process (this script with --single-row), so the peak RSS
-(getrusage ru_maxrss of the child) and the peak CUDA memory belong to that row alone.
+(getrusage ru_maxrss of the child) and the peak CUDA memory belong to that row alone; a child whose
+RSS passes --rss-limit-gb is stopped and its cell says so.
 Eval = inference_mode forward; train step = forward + cross-entropy + backward + AdamW step.
 
     python benchmarks/bench_throughput.py                      # CPU, rsmamba_base, 224 px, batch 8, fp32
@@ -27,17 +33,19 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16_224', 'resnet50': 'resnet50'}
-RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor')
+RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
-    'cpu': ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor', 'deit_tiny', 'resnet50'),
-    'cuda': ('ours', 'ours_ckpt', 'chunked', 'reference', 'floor', 'deit_small', 'deit_tiny', 'resnet50'),
+    'cpu': ('ours', 'ours_ckpt', 'chunked', 'reference', 'original', 'floor', 'deit_tiny', 'resnet50'),
+    'cuda': ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'floor', 'deit_small', 'deit_tiny',
+             'resnet50'),
 }
 
 
@@ -50,8 +58,12 @@ def row_spec(row: str, model: str, args) -> dict:
         return spec
     if row == 'ours_ckpt':
         spec['ckpt'] = True
-    elif row == 'chunked':
-        spec['kwargs'] = dict(scan_backend='chunked', conv_backend='torch')
+    elif row in ('compiled', 'chunked'):
+        spec['kwargs'] = dict(scan_backend=row, conv_backend='torch')
+    elif row == 'original':
+        spec['kwargs'] = dict(scan_backend='original_fallback', conv_backend='torch')
+        spec.update(steps=args.ref_steps, warmup=args.ref_warmup)
+        spec['note'] = f'{args.ref_warmup}+{args.ref_steps} steps'
     elif row == 'reference':
         spec['kwargs'] = dict(scan_backend='reference')
         spec.update(steps=args.ref_steps, warmup=args.ref_warmup, ckpt_train=not args.ref_no_ckpt)
@@ -75,9 +87,9 @@ def _build(spec, args):
     import torch
     import timm
     import timm_rsmamba  # noqa: F401
-    from model_stats import register_identity_scan
+    from model_stats import register_benchmark_scans
 
-    register_identity_scan()
+    register_benchmark_scans()
     kwargs = dict(spec['kwargs'], num_classes=args.num_classes)
     if spec['model'].startswith(('rsmamba', 'deit', 'vit')):
         kwargs['img_size'] = args.img_size
@@ -201,18 +213,41 @@ def _loadavg() -> str:
     return ' '.join(f'{v:.2f}' for v in os.getloadavg())
 
 
-def run_child(spec, mode, args, argv) -> dict:
-    """Re-invoke this script for one (row, mode) and parse its RESULT line."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--single-row', json.dumps(spec), '--mode', mode]
+def _rss_gb(pid: int) -> float:
+    """Resident memory of a live process (Linux /proc; 0 where that is not available)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
-                              env=dict(os.environ, **spec.get('env', {})))
-    except subprocess.TimeoutExpired:
-        return dict(error=f'timed out after {args.row_timeout:g} s (--row-timeout)')
-    for line in proc.stdout.splitlines():
+        with open(f'/proc/{pid}/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return 0.
+
+
+def run_child(spec, mode, args, argv) -> dict:
+    """Re-invoke this script for one (row, mode), watch its time and RSS, and parse its RESULT line."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--single-row', json.dumps(spec), '--mode', mode]
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ, **spec.get('env', {})))
+        start, stopped = time.time(), None
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if args.row_timeout and time.time() - start > args.row_timeout:
+                stopped = f'timed out after {args.row_timeout:g} s (--row-timeout)'
+            elif args.rss_limit_gb and _rss_gb(proc.pid) > args.rss_limit_gb:
+                stopped = f'does not fit: RSS passed {args.rss_limit_gb:g} GB (--rss-limit-gb) after {time.time() - start:.0f} s'
+            if stopped:
+                proc.kill()
+                proc.wait()
+                return dict(error=stopped)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[len('RESULT '):])
-    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    tail = (stderr.strip().splitlines() or ['no output'])[-1]
     if proc.returncode < 0 or proc.returncode == 137:
         tail = f'killed (signal {-proc.returncode if proc.returncode < 0 else 9}; out of memory?) {tail}'
     return dict(error=tail[-160:])
@@ -247,6 +282,8 @@ def main(argv=None):
     parser.add_argument('--peak-tflops', type=float, default=989.,
                         help='bf16 dense peak TFLOP/s for MFU (989: H100 SXM and H200 spec sheets)')
     parser.add_argument('--row-timeout', type=float, default=None, help='seconds before a child is killed')
+    parser.add_argument('--rss-limit-gb', type=float, default=20.,
+                        help='stop a child whose RSS passes this (0 = no limit; default keeps a 24 GB machine alive)')
     parser.add_argument('--json-out', default=None, help='also write all results as JSON here')
     parser.add_argument('--single-row', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--mode', default=None, help=argparse.SUPPRESS)
@@ -355,6 +392,10 @@ def print_ratios(results, flops, args, device_type):
               ('>= 4x', lambda r: r >= 4))
         ratio('train img/s ours / reference' + ('' if args.ref_no_ckpt else ' (reference trains with ckpt)'),
               get('ours', 'train', 'img_s'), get('reference', 'train', 'img_s'), ('>= 4x', lambda r: r >= 4))
+        ratio('eval img/s floor / reference (the ceiling of the ratio above: a scan that costs nothing)',
+              get('floor', 'eval', 'img_s'), get('reference', 'eval', 'img_s'))
+        ratio("eval img/s ours / original (the published code's CPU path)", get('ours', 'eval', 'img_s'),
+              get('original', 'eval', 'img_s'))
         ratio('train img/s ours_ckpt / reference (both with ckpt)', get('ours_ckpt', 'train', 'img_s'),
               get('reference', 'train', 'img_s'))
         ratio('eval img/s ours / chunked (same kernels, eager)', get('ours', 'eval', 'img_s'),
@@ -367,8 +408,8 @@ def print_ratios(results, flops, args, device_type):
         ratio('train time over the no-scan floor', get('ours', 'train', 'ms_img'), get('floor', 'train', 'ms_img'),
               None, pct)
         if device_type == 'cuda':
-            ratio('train img/s fused (ours) / pure PyTorch (chunked)', get('ours', 'train', 'img_s'),
-                  get('chunked', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))
+            ratio('train img/s fused (ours) / pure PyTorch (compiled)', get('ours', 'train', 'img_s'),
+                  get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))
             tr = get('ours', 'train', 'img_s')
             if tr is not None:
                 mfu = 3 * flops[model] * 1e9 * tr / (args.peak_tflops * 1e12)

@@ -57,9 +57,37 @@ def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     return y
 
 
-def register_identity_scan():
-    """Make scan_backend='identity' available to timm.create_model('rsmamba_*', scan_backend=...)."""
+def original_fallback_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False):
+    """The published code's CPU path, restated: transformers' MambaMixer slow path.
+
+    It builds the whole (B, E, L, S) discretised decay exp(delta*A) and drive delta*B*u up front, then
+    walks the 784 positions one at a time with a batched mat-vec against C. Same math as every backend;
+    kept only as the baseline the spec names ("seconds per image, tens of GB to train").
+    """
+    delta = delta.float() + (0 if delta_bias is None else delta_bias.float()[:, None])
+    delta = F.softplus(delta) if delta_softplus else delta
+    decay = torch.exp(delta[..., None] * A.float()[None, :, None, :])  # (B, E, L, S)
+    drive = (delta * u.float())[..., None] * B.float().transpose(1, 2)[:, None]  # (B, E, L, S)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append(torch.matmul(h, C[:, :, t, None].float())[..., 0])
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(u.dtype)
+    return (y, h) if return_last_state else y
+
+
+def register_benchmark_scans():
+    """Make scan_backend='identity' (no recurrence) and 'original_fallback' (the published code's slow
+    path) available to timm.create_model('rsmamba_*', scan_backend=...)."""
     SCAN_BACKENDS['identity'] = identity_scan
+    SCAN_BACKENDS['original_fallback'] = original_fallback_scan
 
 
 def is_rsmamba(name: str) -> bool:
@@ -92,7 +120,7 @@ def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> dic
 def flop_model(name: str, img_size: int, num_classes: int = 21, **kwargs) -> torch.nn.Module:
     """The model as count_flops wants it (identity scan for RSMamba; img_size for ViTs)."""
     if is_rsmamba(name):
-        register_identity_scan()
+        register_benchmark_scans()
         kwargs.update(scan_backend='identity', conv_backend='torch')
     if is_rsmamba(name) or name.startswith(('deit', 'vit')):
         kwargs['img_size'] = img_size

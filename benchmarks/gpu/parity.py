@@ -3,7 +3,7 @@
 
 Builds one rsmamba_base, copies its weights into a second model, runs the same batch through
   fused:   scan_backend='mamba_ssm', conv_backend='causal_conv1d'
-  pytorch: scan_backend='chunked',   conv_backend='torch'
+  pytorch: scan_backend='compiled',  conv_backend='torch'
 in fp32 and under bf16 autocast, and prints the max absolute and max relative difference of the logits and of
 each parameter's gradient (relative = max|a-b| / max|b|, per tensor). fp32 must agree to 1e-4
 relative (exit status 1 otherwise); bf16 differences are reported only. Both models run in eval
@@ -11,7 +11,7 @@ mode, where eval_shuffle='fixed' gives both the same seeded shuffle permutations
 fresh ones); gradients flow in eval mode all the same.
 
     PYTHONPATH=/tmp/site python benchmarks/gpu/parity.py [--batch-size 8] [--img-size 224]
-    # dry run of this script without a GPU (reference vs chunked scan, small model):
+    # dry run of this script without a GPU (reference vs compiled scan, small model):
     python benchmarks/gpu/parity.py --device cpu --fused reference,torch --model rsmamba_small --depth 2 --img-size 64 --batch-size 2
 """
 import argparse
@@ -60,7 +60,7 @@ def main():
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--depth', type=int, default=None, help='override the number of blocks (quick dry runs)')
     parser.add_argument('--fused', default='mamba_ssm,causal_conv1d', help='scan,conv backends under test')
-    parser.add_argument('--pytorch', default='chunked,torch', help='scan,conv backends to compare against')
+    parser.add_argument('--pytorch', default='compiled,torch', help='scan,conv backends to compare against')
     args = parser.parse_args()
     fused_scan, fused_conv = args.fused.split(',')
     ours_scan, ours_conv = args.pytorch.split(',')

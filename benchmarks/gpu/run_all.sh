@@ -15,9 +15,8 @@
 # (base 224: ~0.5 GB/img, huge 224: ~2.2, base 384: ~1.9, huge 384: ~6.2): base at batch 128 is
 # ~60 GB of an H100's 80; if it reports out of memory, rerun with --batch-size 96.
 # Rows that would not fit or would take minutes at the big batch run smaller ones (--row-batch):
-# the reference keeps per-position states for backward, and the chunked backend's chunk length is a
-# fixed element budget / (3B * E * S), so at large batches its chunks shrink towards single
-# positions and its saved chunk-boundary states grow with the batch squared (see RESULTS.md).
+# the reference keeps per-position states for backward, and the eager chunked backend launches a dozen
+# small kernels per position, so its time is launch-bound rather than batch-bound.
 # Everything worth keeping goes to $OUT (flat: the tool returns at most 8 files, 2 folders deep).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -86,11 +85,11 @@ for stage in "$@"; do
         base224) bench bench_base224 --models rsmamba_base --img-size 224 --batch-size 128 \
                      --row-batch chunked=32 reference=8 || status=$? ;;
         huge224) bench bench_huge224 --models rsmamba_huge --img-size 224 --batch-size 16 \
-                     --rows ours,ours_ckpt,chunked,reference,floor --row-batch chunked=16 reference=4 || status=$? ;;
+                     --rows ours,ours_ckpt,compiled,chunked,reference,floor --row-batch chunked=16 reference=4 || status=$? ;;
         base384) bench bench_base384 --models rsmamba_base --img-size 384 --batch-size 24 \
                      --row-batch chunked=8 reference=2 || status=$? ;;
         huge384) bench bench_huge384 --models rsmamba_huge --img-size 384 --batch-size 8 \
-                     --rows ours,ours_ckpt,chunked,floor --row-batch chunked=4 || status=$? ;;
+                     --rows ours,ours_ckpt,compiled,chunked,floor --row-batch chunked=4 || status=$? ;;
         all) for s in build check base224 huge224 base384 huge384; do bash "$0" "$s" || status=$?; done ;;
         *) echo "unknown stage '$stage' (build, check, base224, huge224, base384, huge384, all)"; exit 2 ;;
     esac

@@ -208,8 +208,9 @@ class RSMamba(nn.Module):
             drop_rate: dropout after the position embedding (the original's only dropout).
             global_pool: 'avg' (patch-token mean then LayerNorm) or 'token' (class token(s));
                 default 'token' with class tokens, else 'avg'.
-            scan_backend / conv_backend: force an ops backend ('chunked', 'reference', 'mamba_ssm' / ...);
-                default picks the fused kernels on CUDA when installed. Env: RSMAMBA_SCAN_BACKEND.
+            scan_backend / conv_backend: force an ops backend (scan: 'compiled', 'chunked', 'reference',
+                'mamba_ssm'; conv: 'torch', 'causal_conv1d'); default picks the fused kernels on CUDA when
+                installed, else 'compiled'. Env: RSMAMBA_SCAN_BACKEND, RSMAMBA_CONV_BACKEND.
         """
         super().__init__()
         if path_type not in PATH_TYPES:
@@ -234,7 +235,7 @@ class RSMamba(nn.Module):
         self.shuffle_seed = shuffle_seed
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self._perm_cache: Dict[Tuple[int, torch.device], List[torch.Tensor]] = {}
+        self._perm_cache: Dict[Tuple[int, int, torch.device], List[torch.Tensor]] = {}
 
         self.patch_embed = CornerPatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim, **dd)
         grid = self.patch_embed.grid_size
@@ -314,10 +315,10 @@ class RSMamba(nn.Module):
     def shuffle_permutations(self, seq_len: int, device=None) -> List[torch.Tensor]:
         """The fixed eval-mode permutation of each block (seeded by ``shuffle_seed`` and block index).
 
-        Drawn on the CPU so CPU and GPU runs agree, cached per device.
+        Drawn on the CPU so CPU and GPU runs agree, cached per seed, length and device.
         """
         device = torch.device(device or 'cpu')
-        key = (seq_len, device)
+        key = (self.shuffle_seed, seq_len, device)
         if key not in self._perm_cache:
             perms = []
             for i in range(len(self.blocks)):

@@ -10,7 +10,7 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 
 Backends:
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
-* ``compiled``: pure PyTorch, the default on CPU. The sequence is cut into chunks of 16 positions;
+* ``compiled``: pure PyTorch, the default on CPU and on CUDA without the extra. The sequence is cut into chunks of 16 positions;
   each chunk's forward and backward is a plain loop over positions that torch.compile (inductor)
   fuses into one kernel, so the (batch, dim, state) state stays in registers instead of making a
   round trip through memory per position. Its autograd backward re-computes the states chunk by
@@ -317,9 +317,9 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
     name = name or os.environ.get(BACKEND_ENV_VAR) or 'auto'
     if name == 'auto':
         kind = torch.device(device).type if device is not None else 'cpu'
-        if kind == 'cuda':
-            return 'mamba_ssm' if has_mamba_ssm() else 'chunked'
-        return 'compiled' if kind == 'cpu' else 'chunked'
+        if kind == 'cuda' and has_mamba_ssm():
+            return 'mamba_ssm'
+        return 'compiled' if kind in ('cpu', 'cuda') else 'chunked'  # inductor's MPS/XPU support is patchy
     if name not in SCAN_BACKENDS:
         raise ValueError(
             f"unknown selective-scan backend {name!r} (from the scan_backend argument or ${BACKEND_ENV_VAR}); "
