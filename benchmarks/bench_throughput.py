@@ -8,7 +8,8 @@ Rows, per RSMamba model in --models:
   compiled   the pure-PyTorch backends forced ('compiled' scan + 'torch' conv): on CUDA, what runs
              without the extra
   chunked    the same chunk kernels, eager (no torch.compile)
-  reference  the sequential reference scan (fewer steps: --ref-steps after --ref-warmup); its
+  reference  the sequential reference scan (fewer steps: --ref-steps after --ref-warmup, and
+             --ref-train-warmup before its train steps, which take minutes each); its
              train step uses grad checkpointing unless --ref-no-ckpt, because without it the
              per-position autograd graph of all blocks does not fit in memory
   original   the published code's CPU path (transformers' slow scan, restated in
@@ -49,6 +50,10 @@ DEFAULT_ROWS = {
 }
 
 
+def _slow_row_steps(args) -> str:
+    return f'eval {args.ref_warmup}+{args.ref_steps}, train {args.ref_train_warmup}+{args.ref_steps} steps'
+
+
 def row_spec(row: str, model: str, args) -> dict:
     """What a child builds for one table row."""
     spec = dict(row=row, model=model, kwargs={}, ckpt=False, steps=args.steps, warmup=args.warmup,
@@ -62,17 +67,18 @@ def row_spec(row: str, model: str, args) -> dict:
         spec['kwargs'] = dict(scan_backend=row, conv_backend='torch')
     elif row == 'original':
         spec['kwargs'] = dict(scan_backend='original_fallback', conv_backend='torch')
-        spec.update(steps=args.ref_steps, warmup=args.ref_warmup)
-        spec['note'] = f'{args.ref_warmup}+{args.ref_steps} steps'
+        spec.update(steps=args.ref_steps, warmup=args.ref_warmup, warmup_train=args.ref_train_warmup)
+        spec['note'] = _slow_row_steps(args)
     elif row == 'reference':
         spec['kwargs'] = dict(scan_backend='reference')
-        spec.update(steps=args.ref_steps, warmup=args.ref_warmup, ckpt_train=not args.ref_no_ckpt)
-        spec['note'] = f'{args.ref_warmup}+{args.ref_steps} steps' + ('' if args.ref_no_ckpt else ', train w/ ckpt')
+        spec.update(steps=args.ref_steps, warmup=args.ref_warmup, warmup_train=args.ref_train_warmup,
+                    ckpt_train=not args.ref_no_ckpt)
+        spec['note'] = _slow_row_steps(args) + ('' if args.ref_no_ckpt else ', train w/ ckpt')
         if not args.device.startswith('cuda') and 'MALLOC_MMAP_THRESHOLD_' not in os.environ:
             # its ~0.6 MB per-position tensors fragment glibc's heap: RSS grows ~1.25 GB per block even
             # with checkpointing (20 GB+ for rsmamba_base); a fixed mmap threshold returns them to the OS
-            spec['env'] = {'MALLOC_MMAP_THRESHOLD_': '65536'}
-            spec['note'] += ', MALLOC_MMAP_THRESHOLD_=65536'
+            spec['train_env'] = {'MALLOC_MMAP_THRESHOLD_': '65536'}
+            spec['note'] += ', train with MALLOC_MMAP_THRESHOLD_=65536'
     elif row == 'floor':
         spec['kwargs'] = dict(scan_backend='identity')
     spec['batch_size'] = args.row_batch.get(row, spec['batch_size'])
@@ -146,7 +152,7 @@ def run_single(spec, mode, args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(spec['warmup']):
+    for _ in range(spec.get(f'warmup_{mode}', spec['warmup'])):
         step()
     _sync(device)
     start = time.perf_counter()
@@ -229,7 +235,7 @@ def run_child(spec, mode, args, argv) -> dict:
     """Re-invoke this script for one (row, mode), watch its time and RSS, and parse its RESULT line."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, '--single-row', json.dumps(spec), '--mode', mode]
     with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ, **spec.get('env', {})))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ, **spec.get(f'{mode}_env', {})))
         start, stopped = time.time(), None
         while proc.poll() is None:
             time.sleep(0.5)
@@ -272,7 +278,8 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=3, help='timed steps per row and mode')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--ref-steps', type=int, default=1, help='timed steps of the slow reference row')
-    parser.add_argument('--ref-warmup', type=int, default=1)
+    parser.add_argument('--ref-warmup', type=int, default=1, help='eval warm-up steps of the slow rows')
+    parser.add_argument('--ref-train-warmup', type=int, default=0, help='train warm-up steps of the slow rows')
     parser.add_argument('--row-batch', nargs='*', default=[], metavar='ROW=N',
                         help='per-row batch size, e.g. reference=8 chunked=32 (rows that would not fit otherwise)')
     parser.add_argument('--ref-no-ckpt', action='store_true',
@@ -310,7 +317,7 @@ def main(argv=None):
     header = machine_lines(args)
     print('\n'.join(header), flush=True)
     print(f'config: {args.img_size} px, batch {args.batch_size}, amp {args.amp}, {args.warmup} warm-up + '
-          f'{args.steps} timed steps per row (reference: {args.ref_warmup} + {args.ref_steps}), '
+          f'{args.steps} timed steps per row (reference, original: {_slow_row_steps(args)}), '
           f'one child process per row and mode', flush=True)
     flops = {}
     for spec in specs:

@@ -210,6 +210,13 @@ def test_val_classes_differ_from_train(tmp_path):
         _run(_base(data, tmp_path, 'x', '--epochs', '1'))
 
 
+def test_unsplit_folder_warns_that_validation_sees_training_images(tmp_path, caplog):
+    data = _write_folder(tmp_path / 'd') / 'train'  # class folders only, no train/ val/
+    with caplog.at_level(logging.WARNING):
+        _run(_base(data, tmp_path, 'x', '--epochs', '1'))
+    assert 'measure fit to the training images' in caplog.text and 'timm_rsmamba.data.split' in caplog.text
+
+
 def test_corrupt_image_named_or_skipped(tmp_path, caplog):
     data = _write_folder(tmp_path / 'd')
     bad = data / 'train' / 'class0' / 'broken.tif'
@@ -320,3 +327,13 @@ def test_small_model_beats_chance_on_held_out_uc_merced(shared_data, tmp_path):
     top1, f1 = _reference_eval(tmp_path / 'out' / 'ucm' / 'model_best.pth.tar', root)
     chance = 1 / 21
     assert top1 >= 3 * chance, f'top-1 {top1:.3f} on 84 held-out images is not clearly above chance {chance:.3f}'
+
+
+def test_new_run_never_overwrites_an_earlier_runs_checkpoints(tif_data, tmp_path, caplog):
+    first = _run(_base(tif_data, tmp_path, 'exp', '--epochs', '1'))
+    before = (Path(first['output_dir']) / 'last.pth.tar').read_bytes()
+    with caplog.at_level(logging.WARNING):
+        second = _run(_base(tif_data, tmp_path, 'exp', '--epochs', '1', '--seed', '1'))
+    assert Path(second['output_dir']) == tmp_path / 'exp-1'
+    assert (Path(first['output_dir']) / 'last.pth.tar').read_bytes() == before
+    assert 'holds checkpoints of an earlier run' in caplog.text and '--resume' in caplog.text

@@ -245,6 +245,7 @@ def create_rs_dataset(
         return base
 
     ds = RSImageDataset(reader, input_img_mode=input_img_mode, high_bit_depth=high_bit_depth)
+    ds.source_folder = os.path.abspath(resolved) if not prefix else None  # lets train.py spot train == val
     if len(ds) == 0:
         raise DataError(f'split {split!r} of {name or root!r} has no samples')
     if skip_corrupt:

@@ -8,6 +8,7 @@ epoch k and resumed draws the same augmentations, shuffles and dropout masks as 
 """
 import argparse
 import difflib
+import glob
 import hashlib
 import importlib.util
 import json
@@ -94,6 +95,12 @@ def build_datasets(args):
                 f'the {args.train_split!r} and {args.val_split!r} splits do not have the same classes in the same '
                 f'order (only in train: {only_train}, only in val: {only_eval}); indices would mean different '
                 f'classes. Give both the same class folders, or fix the order with --class-map FILE.')
+        same = getattr(dataset_train, 'source_folder', None)
+        if same and same == getattr(dataset_eval, 'source_folder', None):
+            _logger.warning(
+                f'train and validation both read every image in {same} (it has no {args.train_split}/ and '
+                f'{args.val_split}/ folders): validation scores and model_best measure fit to the training images. '
+                f'Make a held-out split with `python -m timm_rsmamba.data.split {same} DST` and train on DST.')
     return dataset_train, dataset_eval
 
 
@@ -281,7 +288,15 @@ def _output_dir(args, data_config, resume_path: Optional[str]) -> str:
         return os.path.dirname(os.path.abspath(resume_path))  # continue the resumed run in its own folder
     exp_name = args.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-    return utils.get_outdir(args.output or './output/train', exp_name)
+    root = args.output or './output/train'
+    wanted = os.path.join(root, exp_name)
+    if resume_path or not glob.glob(os.path.join(wanted, '*.pth.tar')):
+        return utils.get_outdir(root, exp_name)
+    # a new run never overwrites an old one's checkpoints: it takes the next free NAME-N folder
+    output_dir = utils.get_outdir(root, exp_name, inc=True)
+    _logger.warning(f'{wanted} holds checkpoints of an earlier run; this new run writes to {output_dir} '
+                    f'(continue the earlier one with --resume {wanted})')
+    return output_dir
 
 
 def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
