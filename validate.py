@@ -16,10 +16,9 @@ import sys
 
 import timm_rsmamba  # noqa: F401  (registers the RSMamba models and .tif/.tiff images)
 from timm import utils
-from timm.utils import ParseKwargs
 
 from timm_rsmamba.data import DataError
-from timm_rsmamba.evaluation import report_validation, run_validation, write_results
+from timm_rsmamba.evaluation import add_eval_input_args, report_validation, run_validation, write_results
 from timm_rsmamba.metrics import AVERAGES
 
 _logger = logging.getLogger('validate')
@@ -44,22 +43,7 @@ def build_parser():
     p.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='checkpoint to evaluate')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights if present')
     p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: from the checkpoint)')
-    p.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
-    p.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size (model default)')
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='input dims, e.g. 3 224 224')
-    p.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop pct')
-    p.add_argument('--crop-mode', default=None, type=str, metavar='N', help='crop mode (center, squash, border)')
-    p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean (0-1 scale)')
-    p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std (0-1 scale)')
-    p.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
-    p.add_argument('-b', '--batch-size', default=64, type=int, metavar='N', help='batch size (default: 64)')
-    p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading workers (default: 4)')
-    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency')
-    p.add_argument('--device', default=None, type=str, help='device (default: cuda if available, else cpu)')
-    p.add_argument('--amp', action='store_true', default=False, help='mixed precision inference')
-    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
-    p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
+    add_eval_input_args(p, workers=4)
     p.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
     p.add_argument('--metrics-avg', default='macro', choices=AVERAGES,
                    help='averaging of precision/recall/F1 (default: macro, as the paper)')

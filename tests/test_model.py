@@ -1,5 +1,4 @@
 """The RSMamba model against the spec: counts, semantics restated by hand, timm surface, checkpoints."""
-import math
 
 import pytest
 import timm

@@ -5,7 +5,6 @@ metric a checkpoint was ranked by is recomputed from its weights with timm's eva
 """
 import csv
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path

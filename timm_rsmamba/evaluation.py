@@ -6,7 +6,6 @@ Class names travel with the model: a train.py checkpoint stores ``label_names``;
 ``pretrained_cfg['label_names']``. When they are known, evaluation matches data classes to model classes by name
 (``timm_rsmamba.data.label_mapping``), so the paper's non-alphabetical class order never mislabels a folder.
 """
-import importlib.util
 import logging
 import os
 import time
@@ -18,17 +17,18 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import timm
 from timm import utils
 from timm.data import create_loader, resolve_data_config
 from timm.models import clean_state_dict, split_model_name_tag
+from timm.utils import ParseKwargs
 
 from .data import DataError, check_num_classes, create_rs_dataset, label_mapping, load_image
+from .hub import create_model
 from .metrics import (drop_sampler_padding, format_per_class_table, gather_across_ranks, metrics_from_logits,
                       save_confusion_matrix_png)
 
-__all__ = ['EvalModel', 'read_checkpoint', 'build_eval_model', 'resolve_device', 'run_validation',
-           'write_results', 'FileListDataset', 'collect_inputs', 'run_inference', 'save_predictions']
+__all__ = ['EvalModel', 'add_eval_input_args', 'read_checkpoint', 'build_eval_model', 'resolve_device',
+           'run_validation', 'write_results', 'FileListDataset', 'collect_inputs', 'run_inference', 'save_predictions']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +43,27 @@ class EvalModel:
     label_source: str = 'none'
     checkpoint: Dict[str, Any] = field(default_factory=dict)
     img_size: Optional[int] = None  # the size the model was built for when given explicitly (model kwargs)
+
+
+def add_eval_input_args(parser, workers: int) -> None:
+    """The preprocessing, loader and device flags validate.py and inference.py share (timm's names)."""
+    parser.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size (model default)')
+    parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='input dims, e.g. 3 224 224')
+    parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop pct')
+    parser.add_argument('--crop-mode', default=None, type=str, metavar='N', help='crop mode (center, squash, border)')
+    parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean (0-1 scale)')
+    parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std (0-1 scale)')
+    parser.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    parser.add_argument('-b', '--batch-size', default=64, type=int, metavar='N', help='batch size (default: 64)')
+    parser.add_argument('-j', '--workers', default=workers, type=int, metavar='N',
+                        help=f'data loading workers (default: {workers})')
+    parser.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency')
+    parser.add_argument('--device', default=None, type=str, help='device (default: cuda if available, else cpu)')
+    parser.add_argument('--amp', action='store_true', default=False, help='mixed precision inference')
+    parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
+    parser.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -73,13 +94,6 @@ def _head_classes(state_dict) -> Optional[int]:
     return None
 
 
-def _create_model_fn():
-    if importlib.util.find_spec('timm_rsmamba.hub') is not None:
-        from .hub import create_model
-        return create_model
-    return timm.create_model
-
-
 def _is_rsmamba(model) -> bool:
     return type(model).__module__.startswith('timm_rsmamba')
 
@@ -96,7 +110,7 @@ def build_eval_model(model_name: Optional[str], checkpoint: str = '', pretrained
                      num_classes: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
                      img_size: Optional[int] = None, in_chans: Optional[int] = None,
                      use_ema: bool = False) -> EvalModel:
-    """Create the model (through timm_rsmamba.hub.create_model when present), load the checkpoint, find names.
+    """Create the model (through timm_rsmamba.hub.create_model, for clear hub errors), load the checkpoint, find names.
 
     Architecture, model kwargs and number of classes default to what a train.py checkpoint recorded.
     """
@@ -120,7 +134,7 @@ def build_eval_model(model_name: Optional[str], checkpoint: str = '', pretrained
         kwargs['num_classes'] = int(nc)
     if img_size and 'img_size' not in (model_kwargs or {}) and model_name.split(':')[-1].startswith('rsmamba'):
         kwargs['img_size'] = img_size  # RSMamba's position embedding is sized to the input; resampled on load
-    model = _create_model_fn()(model_name, pretrained=pretrained, **kwargs)
+    model = create_model(model_name, pretrained=pretrained, **kwargs)
     if state_dict is not None:
         if _is_rsmamba(model):
             from .models.rsmamba import checkpoint_filter_fn

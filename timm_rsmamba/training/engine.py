@@ -8,7 +8,7 @@ import math
 import time
 from collections import OrderedDict
 from contextlib import suppress
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F

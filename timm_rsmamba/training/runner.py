@@ -10,7 +10,6 @@ import argparse
 import difflib
 import glob
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler
 
+from ..hub import HeadMismatchError, HubUnavailableError, UnknownModelError, create_model
 from .args import ConfigError
 from .checkpoint import (AtomicCheckpointSaver, find_resume_checkpoint, load_initial_checkpoint,
                          restore_training_state)
@@ -104,14 +104,6 @@ def build_datasets(args):
     return dataset_train, dataset_eval
 
 
-def _create_model_fn():
-    """timm_rsmamba.hub.create_model (clear offline/hub errors) where present, else timm.create_model."""
-    if importlib.util.find_spec('timm_rsmamba.hub') is not None:
-        from timm_rsmamba.hub import create_model
-        return create_model
-    return timm.create_model
-
-
 def _is_rsmamba(model_name: str) -> bool:
     try:
         arch = timm.models.split_model_name_tag(model_name)[0]
@@ -128,10 +120,8 @@ def _model_user_error(args, err: Exception) -> Optional[ConfigError]:
         return ConfigError(
             f'--model {args.model!r} is not a known model.{hint} RSMamba models: '
             f'{", ".join(timm.list_models("rsmamba*"))}.')
-    if importlib.util.find_spec('timm_rsmamba.hub') is not None:
-        from timm_rsmamba import hub
-        if isinstance(err, (hub.UnknownModelError, hub.HubUnavailableError, hub.HeadMismatchError)):
-            return ConfigError(f'--model {args.model!r}: {err}')
+    if isinstance(err, (UnknownModelError, HubUnavailableError, HeadMismatchError)):
+        return ConfigError(f'--model {args.model!r}: {err}')
     return None
 
 
@@ -157,7 +147,6 @@ def build_model(args, num_classes: int):
         create_kwargs['global_pool'] = args.gp
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and for the EMA copy)
-    create_model = _create_model_fn()
     try:
         model = create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path),
                              **factory_kwargs, **create_kwargs)
