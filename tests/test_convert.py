@@ -84,6 +84,7 @@ def test_cli_converts_numpy_meta_checkpoint_and_keeps_class_order(tmp_path):
     out = tmp_path / 'converted'
     main([str(src), '--config', str(UCM_CONFIG), '--out', str(out), '--model-kwargs', *TINY_CLI])
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'ucm'  # the paper's UCM weights
 
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert model.pretrained_cfg['label_names'] == ucm_labels()

@@ -102,6 +102,7 @@ def test_push_dry_run_writes_the_upload_folder(tmp_path, capsys):
     config = json.loads((out / 'config.json').read_text())
     assert config['label_names'] == LABELS
     assert config['pretrained_cfg']['mean'] == [0.3, 0.3, 0.3]
+    assert 'tag' not in config['pretrained_cfg']  # not labelled '.ucm' just because that is the default cfg
     assert config['model_card']['metrics']['Macro F1'] == 90.125
 
     loaded = create_model(f'local-dir:{out}', pretrained=True, scan_backend='reference')

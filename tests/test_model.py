@@ -324,6 +324,17 @@ def test_unmatched_original_keys_are_named():
         checkpoint_filter_fn({'state_dict': keys}, model)
 
 
+def test_original_checkpoint_of_another_variant_is_named():
+    from timm_rsmamba.models.rsmamba import checkpoint_filter_fn
+    keys = to_original_layout(tiny())
+    deeper = timm.create_model('rsmamba_small', num_classes=21, **dict(TINY, depth=3))
+    with pytest.raises(ValueError, match=r'missing from the checkpoint: blocks\.2\.'):
+        checkpoint_filter_fn({'state_dict': keys}, deeper)
+    wider = timm.create_model('rsmamba_small', num_classes=21, **dict(TINY, intermediate_size=96))
+    with pytest.raises(ValueError, match=r'shaped differently .*blocks\.0\.mixer\.A_log \(64, 16\) vs \(96, 16\)'):
+        checkpoint_filter_fn({'state_dict': keys}, wider)
+
+
 def test_checkpoint_at_other_size_resamples_pos_embed(tmp_path):
     src = tiny(cls_token_position='head')
     path = tmp_path / 'w.pth'

@@ -18,6 +18,7 @@ import timm
 import timm_rsmamba  # noqa: F401
 from timm.data import create_transform
 
+from timm_rsmamba.data import DataError
 from timm_rsmamba.training import CheckpointError, ConfigError, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +167,20 @@ def test_paper_configs_parse(name):
         assert args.mean == pytest.approx(list(mean), abs=1e-6) and args.std == pytest.approx(list(std), abs=1e-6)
 
 
-def test_quickstart_config_parses():
-    args, _ = parse_args(['-c', str(ROOT / 'configs' / 'quickstart.yaml'), 'sample_data/ucmerced'])
-    assert args.model.startswith('rsmamba_') and args.device in (None, 'cpu')
+@pytest.mark.slow
+def test_readme_main_job_runs_on_the_shipped_sample(tmp_path):
+    """The README's third command, shortened to 2 epochs, through the real CLI."""
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_PY), 'sample_data/ucmerced', '-c', 'configs/quickstart.yaml', '--epochs', '2',
+         '--warmup-epochs', '1', '--output', str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert 'Test: 42 images' in log and 'macro P/R/F1' in log and 'ETA' in log
+    out = tmp_path / 'quickstart'
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'training_curves.png'):
+        assert (out / name).is_file(), name
+    assert len(_state(out / 'last.pth.tar')['label_names']) == 21
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -214,6 +226,13 @@ def test_unsplit_folder_warns_that_validation_sees_training_images(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         _run(_base(data, tmp_path, 'x', '--epochs', '1'))
     assert 'measure fit to the training images' in caplog.text and 'timm_rsmamba.data.split' in caplog.text
+
+
+def test_grayscale_training_and_unsupported_band_count(tif_data, tmp_path):
+    out = _run(_base(tif_data, tmp_path, 'gray', '--epochs', '1', '--in-chans', '1'))
+    assert _state(Path(out['output_dir']) / 'last.pth.tar')['state_dict']['patch_embed.proj.weight'].shape[1] == 1
+    with pytest.raises(DataError, match='--in-chans 13: .*1-channel .* or 3-channel'):
+        _run(_base(tif_data, tmp_path, 'ms', '--epochs', '1', '--in-chans', '13'))
 
 
 def test_corrupt_image_named_or_skipped(tmp_path, caplog):

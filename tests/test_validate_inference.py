@@ -179,3 +179,16 @@ def test_torchrun_two_processes_equal_single(workdir, tmp_path):
     for key in ('top1', 'top5', 'macro_precision', 'macro_recall', 'macro_f1_score'):
         assert dist[key] == single[key], key
     assert dist['confusion_matrix'] == single['_metrics']['confusion_matrix'].tolist()
+
+
+def test_scripts_take_a_published_folder_as_model(workdir, tmp_path):
+    """`push --dry-run` writes the hub folder; validate.py and inference.py load it as local-dir:... and agree
+    with the independent reference (same weights, same class names, class order mapped by name)."""
+    from timm_rsmamba import hub
+    folder = hub.push(workdir / 'ckpt.pth.tar', 'someone/toy', dry_run=tmp_path / 'hub')
+    files, logits, targets = _reference(workdir)
+    results = _run_validate([workdir / 'data', '--split', 'val', '--model', f'local-dir:{folder}'])
+    assert results['top1'] == pytest.approx(100 * np.mean(logits.argmax(1).numpy() == targets), abs=1e-3)
+    df = inference.main([str(files[0]), '--model', f'local-dir:{folder}', '--results-dir', str(tmp_path / 'p'),
+                         '-j', '0', '--device', 'cpu', '--no-console-results'])
+    assert list(df['label']) == [MODEL_CLASSES[int(logits[0].argmax())]]

@@ -22,7 +22,8 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import clean_state_dict, split_model_name_tag
 from timm.utils import ParseKwargs
 
-from .data import DataError, check_num_classes, create_rs_dataset, label_mapping, load_image
+from .data import (DataError, check_num_classes, create_rs_dataset, image_mode_for_channels, label_mapping,
+                   load_image)
 from .hub import create_model
 from .metrics import (drop_sampler_padding, format_per_class_table, gather_across_ranks, metrics_from_logits,
                       save_confusion_matrix_png)
@@ -242,7 +243,7 @@ def run_validation(args) -> OrderedDict:
     dataset = create_rs_dataset(
         args.dataset, root, args.split, is_training=False, class_map=args.class_map, input_key=args.input_key,
         target_key=args.target_key, skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
-        input_img_mode='RGB' if data_config['input_size'][0] == 3 else 'L')
+        input_img_mode=image_mode_for_channels(data_config['input_size'][0]))
     data_names = list(dataset.label_names) if dataset.label_names else None
     num_classes = em.model.num_classes
     if em.label_names and data_names:
@@ -415,7 +416,7 @@ def run_inference(args):
                         'per line, in the model\'s index order) or --label-type index / none')
     data_config = _data_config(args, em)
     inputs = list(args.data or []) + ([args.data_dir] if args.data_dir else [])
-    dataset = FileListDataset(collect_inputs(inputs), 'RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset = FileListDataset(collect_inputs(inputs), image_mode_for_channels(data_config['input_size'][0]))
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],

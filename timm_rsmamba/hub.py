@@ -228,20 +228,29 @@ def export_model_args(architecture: str, model_kwargs: Dict[str, Any]) -> Dict[s
 
 
 class _ExportArgs:
-    """Temporarily replace the factory kwargs timm records on a model, so save_for_hf writes ours."""
+    """Temporarily give a model the factory kwargs and pretrained cfg save_for_hf should write.
 
-    def __init__(self, model, model_args):
+    timm writes ``model._model_args`` and ``model.pretrained_cfg``; ours are the kwargs that differ from the
+    variant's defaults, and a cfg without the default '.ucm' tag unless the export names a tag itself.
+    """
+
+    def __init__(self, model, model_args, model_config):
         self.model, self.model_args = model, model_args
+        self.keep_tag = 'tag' in model_config.get('pretrained_cfg', {})
 
     def __enter__(self):
-        self.saved = getattr(self.model, '_model_args', None)
+        self.saved_args = getattr(self.model, '_model_args', None)
+        self.saved_cfg = self.model.pretrained_cfg
         self.model._model_args = dict(self.model_args)
+        if not self.keep_tag:
+            self.model.pretrained_cfg = {k: v for k, v in self.saved_cfg.items() if k != 'tag'}
 
     def __exit__(self, *exc):
-        if self.saved is None:
+        self.model.pretrained_cfg = self.saved_cfg
+        if self.saved_args is None:
             del self.model._model_args
         else:
-            self.model._model_args = self.saved
+            self.model._model_args = self.saved_args
 
 
 def normalize_metrics(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
@@ -343,7 +352,9 @@ def _export_parts(
             overrides[key] = [float(v) for v in overrides[key]]
     overrides['label_names'] = label_names
     overrides['notes'] = notes or 'Exported with timm-rsmamba (timm_rsmamba.hub).'
-    tag = (pretrained_cfg or {}).get('tag') or model.pretrained_cfg.get('tag')
+    # only a tag the caller's cfg names (converted paper weights): a model trained on other data must not
+    # inherit the '.ucm' default cfg's tag, which would label it as UC Merced weights
+    tag = (pretrained_cfg or {}).get('tag')
     if tag:
         overrides['tag'] = tag
     metrics = normalize_metrics(metrics)
@@ -376,7 +387,7 @@ def save_pretrained_folder(
     model_config, card, model_args = _export_parts(
         model, label_names, model_kwargs, pretrained_cfg, metrics, metrics_source, dataset, split, recipe,
         repo_id, load_name=None if repo_id else f'local-dir:{out_dir}', source=source, notes=notes)
-    with _ExportArgs(model, model_args):
+    with _ExportArgs(model, model_args, model_config):
         save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     name = repo_id.split('/')[-1] if repo_id else out_dir.name
     (out_dir / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')
@@ -487,7 +498,7 @@ def push(
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with _ExportArgs(model, model_args):
+        with _ExportArgs(model, model_args, model_config):
             return push_to_hf_hub(
                 model, repo_id, commit_message=commit_message, token=token, revision=revision, private=private,
                 model_config=model_config, model_card=card, model_args=model_args, safe_serialization=True)
@@ -531,7 +542,7 @@ def make_configs(out_dir, datainfo_dir) -> list:
                   f"ORIGINAL.pth --config hf_configs/{name}`.")
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
-        with _ExportArgs(model, model_args):
+        with _ExportArgs(model, model_args, model_config):
             save_config_for_hf(model, folder / 'config.json', model_config=model_config, model_args=model_args)
         written.append(folder / 'config.json')
     return written

@@ -6,12 +6,14 @@ the paper's split lists) and ``python -m timm_rsmamba.data.stats`` (per-channel 
 from timm.data import add_img_extensions as _add_img_extensions, get_img_extensions as _get_img_extensions
 
 from .dataset import (
-    SPLIT_NAMES, CorruptImageError, DataError, RSImageDataset, check_num_classes, create_rs_dataset, label_mapping,
+    SPLIT_NAMES, CorruptImageError, DataError, RSImageDataset, check_num_classes, create_rs_dataset,
+    image_mode_for_channels, label_mapping,
 )
 from .images import HIGH_BIT_DEPTH_MODES, convert_image, load_image, to_uint8
 
 __all__ = [
-    'create_rs_dataset', 'RSImageDataset', 'check_num_classes', 'label_mapping', 'DataError', 'CorruptImageError',
+    'create_rs_dataset', 'RSImageDataset', 'check_num_classes', 'label_mapping', 'image_mode_for_channels',
+    'DataError', 'CorruptImageError',
     'SPLIT_NAMES', 'load_image', 'convert_image', 'to_uint8', 'HIGH_BIT_DEPTH_MODES',
 ]
 

@@ -18,6 +18,7 @@ from timm.data.readers.img_extensions import get_img_extensions
 from .images import load_image
 
 __all__ = ['DataError', 'CorruptImageError', 'RSImageDataset', 'create_rs_dataset', 'check_num_classes',
+           'image_mode_for_channels',
            'label_mapping', 'SPLIT_NAMES']
 
 _logger = logging.getLogger(__name__)
@@ -32,6 +33,20 @@ class DataError(ValueError):
 
 class CorruptImageError(DataError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+def image_mode_for_channels(in_chans: int) -> str:
+    """PIL mode the folder/HF pipelines decode to for a model with ``in_chans`` input channels.
+
+    timm's transforms work on PIL images, so 1 (grayscale) and 3 (RGB) channels are what they can feed;
+    more bands (e.g. 13-band Sentinel-2) need the model with a tensor pipeline of one's own.
+    """
+    if in_chans in (1, 3):
+        return 'L' if in_chans == 1 else 'RGB'
+    raise DataError(
+        f'--in-chans {in_chans}: the image pipeline decodes 1-channel (grayscale) or 3-channel (RGB) images only. '
+        f'A {in_chans}-band model works from Python (timm.create_model(..., in_chans={in_chans})) fed by a loader '
+        f'that returns ({in_chans}, H, W) tensors.')
 
 
 def _fmt_names(names: Sequence[str], limit: int = 12) -> str:

@@ -492,6 +492,26 @@ def convert_mmpretrain(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, t
     return out, unmatched
 
 
+def _check_against_model(state_dict: Dict[str, torch.Tensor], model: RSMamba, shown: int = 6):
+    """Name what an original checkpoint lacks or sizes differently from ``model`` (e.g. a base file for a large
+    model), instead of leaving it to load_state_dict's message. The head, pos_embed and the patch conv's input
+    channels are left to timm, which adapts them."""
+    adapted = ('head.', 'pos_embed', 'patch_embed.proj.weight')
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.startswith(adapted)]
+    wrong = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+             if k in state_dict and not k.startswith(adapted) and state_dict[k].shape != v.shape]
+    problems = []
+    for what, keys in (('missing from the checkpoint', missing), ('shaped differently (file vs model)', wrong)):
+        if keys:
+            more = f' and {len(keys) - shown} more' if len(keys) > shown else ''
+            problems.append(f'{len(keys)} {what}: {", ".join(keys[:shown])}{more}')
+    if problems:
+        raise ValueError(
+            'the original RSMamba checkpoint does not fit this model (another variant, depth or path type?): '
+            + '; '.join(problems))
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RSMamba) -> Dict[str, torch.Tensor]:
     """Accept our checkpoints and the authors' mmpretrain ones; resample pos_embed to the model's grid."""
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
@@ -502,6 +522,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RSMamba) ->
             raise KeyError(
                 'these keys of the original RSMamba checkpoint have no counterpart in timm_rsmamba: '
                 + ', '.join(sorted(unmatched)))
+        _check_against_model(state_dict, model)
     pos = state_dict.get('pos_embed')
     if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
         old_patches = pos.shape[1] - model.num_prefix_tokens

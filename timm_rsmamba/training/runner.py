@@ -77,12 +77,17 @@ def setup_device(args) -> torch.device:
     return device
 
 
+def _in_chans(args) -> int:
+    return args.in_chans or (args.input_size[0] if args.input_size else 3)
+
+
 def build_datasets(args):
     """Train and (optional) validation datasets; the class names come from the training split."""
-    from timm_rsmamba.data import create_rs_dataset
+    from timm_rsmamba.data import create_rs_dataset, image_mode_for_channels
 
     common = dict(class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
-                  skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed)
+                  skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
+                  input_img_mode=image_mode_for_channels(_in_chans(args)))
     dataset_train = create_rs_dataset(args.dataset, args.data_dir or None, args.train_split, is_training=True, **common)
     dataset_eval = None
     if args.val_split:
@@ -127,7 +132,7 @@ def _model_user_error(args, err: Exception) -> Optional[ConfigError]:
 
 def build_model(args, num_classes: int):
     """Create the model (and load --initial-checkpoint); returns (model, model_kwargs to rebuild it)."""
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    in_chans = _in_chans(args)
     model_kwargs = dict(args.model_kwargs)
     if _is_rsmamba(args.model) and 'img_size' not in model_kwargs:
         # RSMamba's position embedding is sized by img_size, so --img-size/--input-size also build the model.
