@@ -123,6 +123,12 @@ def test_train_resume_equals_uninterrupted(tif_data, tmp_path):
     assert tuple(cfg['input_size']) == (3, 32, 32) and cfg['label_names'] == tuple(CLASSES)
     assert len(cfg['mean']) == 3 and cfg['interpolation'] and cfg['crop_pct']
     assert best['model_kwargs']['depth'] == 2
+    assert best['metrics']['f1'] == pytest.approx(best['metric'])  # the best epoch's full metrics ride along
+
+    from timm_rsmamba import hub
+    card = (hub.push(out / 'model_best.pth.tar', 'someone/toy', dry_run=tmp_path / 'hub') / 'README.md').read_text()
+    for text in ('Macro F1', 'Macro precision', 'Macro recall', 'Top-1 accuracy', tif_data.name):
+        assert text in card, text
 
 
 def test_eval_metrics_match_independent_reference(tif_data, tmp_path):

@@ -10,6 +10,7 @@ CLI::
     python -m timm_rsmamba.hub push CHECKPOINT --repo-id ORG/NAME [--private] [--revision R] [--dry-run DIR]
     python -m timm_rsmamba.hub make-configs [--out hf_configs]
 """
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -444,8 +445,14 @@ def load_training_checkpoint(path, use_ema: bool = False, trust_pickle: bool = F
         metrics = {arg_dict.get('eval_metric') or 'eval_metric': float(ckpt['metric'])}
     info = dict(
         label_names=ckpt.get('label_names'), model_kwargs=model_kwargs, pretrained_cfg=ckpt.get('pretrained_cfg'),
-        metrics=metrics, recipe=_recipe_from_args(args), dataset=arg_dict.get('dataset') or None)
+        metrics=metrics, recipe=_recipe_from_args(args), dataset=arg_dict.get('dataset') or _folder_name(arg_dict))
     return model, info
+
+
+def _folder_name(arg_dict) -> Optional[str]:
+    """A folder-trained run's data folder name (e.g. 'ucm_paper'), what the card can say of its dataset."""
+    data_dir = arg_dict.get('data_dir')
+    return os.path.basename(os.path.normpath(data_dir)) if data_dir else None
 
 
 def load_folder(folder):

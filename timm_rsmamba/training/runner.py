@@ -472,6 +472,8 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
             else:
                 latest_metric = None
             if saver is not None:
+                if eval_metrics is not None:  # the epoch's full metrics ride along: model cards need P/R/F1
+                    saver.extra['metrics'] = dict(eval_metrics)
                 if latest_metric is not None:
                     best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
                 else:
