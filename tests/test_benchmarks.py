@@ -7,7 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 
-from model_stats import SCAN_FLOPS_PER_CHANNEL, SCAN_FLOPS_PER_STATE, gflops_per_image, original_fallback_scan  # noqa: E402
+from model_stats import (  # noqa: E402
+    SCAN_FLOPS_PER_CHANNEL, SCAN_FLOPS_PER_STATE, gflops_per_image, original_fallback_scan)
 from timm_rsmamba.ops.scan import selective_scan_reference  # noqa: E402
 
 

@@ -126,6 +126,8 @@ def test_pos_embed_types(pe):
     out = model(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert torch.isfinite(out).all()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert (model.pos_embed is not None) == (pe == 'learnable')
 
 
@@ -256,6 +258,23 @@ def test_timm_surface_roundtrip(tmp_path):
     with pytest.raises(ValueError, match='in_chans'):
         ms(torch.randn(1, 3, 32, 32))
 
+    # a model rebuilt from its own pretrained_cfg has the same cfg and the same data config
+    src = tiny()
+    again = timm.create_model('rsmamba_small', pretrained_cfg=src.pretrained_cfg, num_classes=5, **TINY)
+    assert again.pretrained_cfg == src.pretrained_cfg
+    assert timm.data.resolve_data_config({}, model=again) == timm.data.resolve_data_config({}, model=src)
+
+    # global_pool: class-token pooling and back; drop_path ramps linearly from 0 to drop_path_rate
+    tok = tiny(cls_token_position='head')
+    assert tok.global_pool == 'token'
+    tok.reset_classifier(7, global_pool='avg')
+    assert tok.global_pool == 'avg' and tok(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    with pytest.raises(ValueError, match='class tokens'):
+        tiny().reset_classifier(3, global_pool='token')
+    ramp = tiny(depth=3, drop_path_rate=0.2)
+    assert [getattr(b.drop_path, 'drop_prob', 0.) for b in ramp.blocks] == pytest.approx([0., 0.1, 0.2])
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in tiny(depth=3).blocks)  # default: the original
+
 
 def test_no_weight_decay_and_layer_decay_groups():
     from timm.optim import create_optimizer_v2
@@ -335,6 +354,23 @@ def test_original_checkpoint_of_another_variant_is_named():
         checkpoint_filter_fn({'state_dict': keys}, wider)
 
 
+def test_original_checkpoint_at_a_larger_size_interpolates_pos_embed(tmp_path):
+    """The paper's 384 px experiment in miniature: an original-layout file from 32 px (4x4 grid, class token
+    at the tail) loaded at 64 px (8x8): patch rows are an antialiased bicubic upsampling (timm's choice), the
+    class-token row stays last."""
+    src = tiny(cls_token_position='tail', num_classes=21)
+    path = tmp_path / 'original.pth'
+    torch.save({'state_dict': to_original_layout(src)}, path)
+    big = timm.create_model('rsmamba_small', pretrained=True, num_classes=21, cls_token_position='tail',
+                            pretrained_cfg_overlay=dict(file=str(path)), **dict(TINY, img_size=64))
+    d = src.pos_embed.shape[-1]
+    grid = src.pos_embed[0, :16].reshape(4, 4, d).permute(2, 0, 1)[None]
+    expected = F.interpolate(grid, size=(8, 8), mode='bicubic', align_corners=False, antialias=True)[0].permute(1, 2, 0)
+    torch.testing.assert_close(big.pos_embed[0, :64], expected.reshape(64, d))
+    torch.testing.assert_close(big.pos_embed[0, 64], src.pos_embed[0, 16])
+    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 21)
+
+
 def test_checkpoint_at_other_size_resamples_pos_embed(tmp_path):
     src = tiny(cls_token_position='head')
     path = tmp_path / 'w.pth'
@@ -367,3 +403,21 @@ def test_pretrained_with_other_class_count_drops_the_head(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(path)), **TINY)
     assert m.head.out_features == 45
     torch.testing.assert_close(m.blocks[1].mixer.A_log, src.blocks[1].mixer.A_log)
+
+
+def test_initialisation_follows_the_spec():
+    """Spec: A_log = log(1..S) per channel, D = 1, pos_embed trunc-normal 0.02, patch conv Kaiming (fan_in,
+    linear) = normal with std 1/sqrt(fan_in), mixer Linear/Conv1d at PyTorch's defaults (uniform within
+    1/sqrt(fan_in)), class tokens at zero. Checked on the full-size base model, so the statistics are tight."""
+    torch.manual_seed(0)
+    model = timm.create_model('rsmamba_base', num_classes=21, cls_token_position='head')
+    mixer = model.blocks[0].mixer
+    torch.testing.assert_close(mixer.A_log, torch.log(torch.arange(1., 17.)).expand(384, 16))
+    assert torch.equal(mixer.D, torch.ones(384))
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.001 and model.pos_embed.abs().max() < 0.02 * 6
+    assert torch.count_nonzero(model.cls_token) == 0
+    w = model.patch_embed.proj.weight  # (192, 3, 16, 16): fan_in 768
+    assert abs(w.std().item() - 768 ** -0.5) < 0.002 and abs(w.mean().item()) < 0.002
+    for layer, fan_in in ((mixer.in_proj, 192), (mixer.out_proj, 384), (mixer.dt_proj, 12), (mixer.conv1d, 4)):
+        bound = fan_in ** -0.5
+        assert layer.weight.abs().max() <= bound + 1e-6 and layer.weight.abs().max() > 0.9 * bound, layer
