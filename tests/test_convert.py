@@ -94,6 +94,11 @@ def test_cli_converts_numpy_meta_checkpoint_and_keeps_class_order(tmp_path):
     card = (out / 'README.md').read_text()
     assert '93.88' in card and 'UC Merced' in card and '2403.19654' in card
 
+    # loaded directly instead, timm's safe loader refuses the metadata: the error says how to convert
+    with pytest.raises(RuntimeError, match=r'python -m timm_rsmamba\.convert FILE'):
+        timm.create_model('rsmamba_base.ucm', pretrained=True, pretrained_cfg_overlay=dict(file=str(src)),
+                          depth=2, img_size=32, embed_dim=32, intermediate_size=64)
+
 
 @pytest.mark.parametrize('cls_position,out_type', [
     ('head', 'cls_token'), ('tail', 'cls_token'), ('head_tail', 'cls_token'), ('middle', 'cls_token'),

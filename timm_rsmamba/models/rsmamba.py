@@ -15,6 +15,7 @@ Departures from the original, all behind options or documented:
 * ``drop_path_rate`` adds stochastic depth on the block residual (0 = original).
 """
 import math
+import pickle
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -592,12 +593,21 @@ def _create_rsmamba(variant: str, pretrained: bool = False, **kwargs) -> RSMamba
                 f"timm.create_model('local-dir:DIR', pretrained=True), or pass "
                 f"pretrained_cfg_overlay=dict(file='weights.safetensors')")
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        RSMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            RSMamba, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except (pickle.UnpicklingError, RuntimeError) as err:  # timm loads with weights_only=True
+        if not (isinstance(err, pickle.UnpicklingError) or 'weights_only' in str(err)):
+            raise
+        raise RuntimeError(
+            f"the weights file holds pickled objects that timm's safe loader refuses (the authors' mmpretrain "
+            f"checkpoints keep numpy/mmengine metadata). Convert it once: `python -m timm_rsmamba.convert FILE "
+            f"--config hf_configs/<name> --out DIR`, then timm.create_model('local-dir:DIR', pretrained=True). "
+            f"Loader said: {str(err).splitlines()[0]}") from err
 
 
 def _variant(size: str, variant: str, pretrained: bool, kwargs) -> RSMamba:
