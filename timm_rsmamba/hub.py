@@ -232,19 +232,18 @@ class _ExportArgs:
     """Temporarily give a model the factory kwargs and pretrained cfg save_for_hf should write.
 
     timm writes ``model._model_args`` and ``model.pretrained_cfg``; ours are the kwargs that differ from the
-    variant's defaults, and a cfg without the default '.ucm' tag unless the export names a tag itself.
+    variant's defaults, and the cfg without its tag: the default cfg's '.ucm' would label any model as UC Merced
+    weights, and an export that has a tag (converted paper weights) names it in model_config, which timm merges on top.
     """
 
-    def __init__(self, model, model_args, model_config):
+    def __init__(self, model, model_args):
         self.model, self.model_args = model, model_args
-        self.keep_tag = 'tag' in model_config.get('pretrained_cfg', {})
 
     def __enter__(self):
         self.saved_args = getattr(self.model, '_model_args', None)
         self.saved_cfg = self.model.pretrained_cfg
         self.model._model_args = dict(self.model_args)
-        if not self.keep_tag:
-            self.model.pretrained_cfg = {k: v for k, v in self.saved_cfg.items() if k != 'tag'}
+        self.model.pretrained_cfg = {k: v for k, v in self.saved_cfg.items() if k != 'tag'}
 
     def __exit__(self, *exc):
         self.model.pretrained_cfg = self.saved_cfg
@@ -388,7 +387,7 @@ def save_pretrained_folder(
     model_config, card, model_args = _export_parts(
         model, label_names, model_kwargs, pretrained_cfg, metrics, metrics_source, dataset, split, recipe,
         repo_id, load_name=None if repo_id else f'local-dir:{out_dir}', source=source, notes=notes)
-    with _ExportArgs(model, model_args, model_config):
+    with _ExportArgs(model, model_args):
         save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     name = repo_id.split('/')[-1] if repo_id else out_dir.name
     (out_dir / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')
@@ -505,7 +504,7 @@ def push(
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with _ExportArgs(model, model_args, model_config):
+        with _ExportArgs(model, model_args):
             return push_to_hf_hub(
                 model, repo_id, commit_message=commit_message, token=token, revision=revision, private=private,
                 model_config=model_config, model_card=card, model_args=model_args, safe_serialization=True)
@@ -549,7 +548,7 @@ def make_configs(out_dir, datainfo_dir) -> list:
                   f"ORIGINAL.pth --config hf_configs/{name}`.")
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
-        with _ExportArgs(model, model_args, model_config):
+        with _ExportArgs(model, model_args):
             save_config_for_hf(model, folder / 'config.json', model_config=model_config, model_args=model_args)
         written.append(folder / 'config.json')
     return written

@@ -41,8 +41,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _delta_pre(delta_raw, delta_bias):
+    return delta_raw if delta_bias is None else delta_raw + delta_bias
+
+
 def _positive_delta(delta_raw, delta_bias, softplus):
-    delta = delta_raw if delta_bias is None else delta_raw + delta_bias
+    delta = _delta_pre(delta_raw, delta_bias)
     return F.softplus(delta) if softplus else delta
 
 
@@ -69,6 +73,18 @@ def selective_scan_reference(
     return (out, h) if return_last_state else out
 
 
+def _state_step(h, delta, u_t, A, B_t):
+    """One position of the recurrence: decay = exp(delta A), h' = decay h + delta u B. Returns (decay, h')."""
+    decay = torch.exp(delta[..., None] * A)
+    return decay, decay * h + (delta * u_t)[..., None] * B_t[:, None, :]
+
+
+def _readout(h, C_t, u_t, D):
+    """y = <h, C> + D u, before the SiLU(z) gate."""
+    y = (h * C_t[:, None, :]).sum(-1)
+    return y if D is None else y + D * u_t
+
+
 def _chunk_forward(h, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool):
     """One chunk of T positions, time-major: u, delta_raw, z (T, b, d); B, C (T, b, n); h (b, d, n).
 
@@ -78,13 +94,9 @@ def _chunk_forward(h, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool):
     ys = []
     for t in range(u.shape[0]):
         delta = _positive_delta(delta_raw[t], delta_bias, softplus)
-        h = torch.exp(delta[..., None] * A) * h + (delta * u[t])[..., None] * B[t][:, None, :]
-        y = (h * C[t][:, None, :]).sum(-1)
-        if D is not None:
-            y = y + D * u[t]
-        if z is not None:
-            y = y * F.silu(z[t])
-        ys.append(y)
+        _, h = _state_step(h, delta, u[t], A, B[t])
+        y = _readout(h, C[t], u[t], D)
+        ys.append(y if z is None else y * F.silu(z[t]))
     return torch.stack(ys), h
 
 
@@ -99,8 +111,8 @@ def _chunk_backward(h0, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool,
     deltas, decays, hs = [], [], [h0]
     for t in range(n):
         delta = _positive_delta(delta_raw[t], delta_bias, softplus)
-        decay = torch.exp(delta[..., None] * A)
-        hs.append(decay * hs[-1] + (delta * u[t])[..., None] * B[t][:, None, :])
+        decay, h = _state_step(hs[-1], delta, u[t], A, B[t])
+        hs.append(h)
         deltas.append(delta)
         decays.append(decay)
     du, ddelta_raw, dz, dB, dC = ([None] * n for _ in range(5))
@@ -110,9 +122,7 @@ def _chunk_backward(h0, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool,
         h_prev, h, delta, decay = hs[t], hs[t + 1], deltas[t], decays[t]
         dy = dout[t]
         if z is not None:  # through out = y * silu(z)
-            y = (h * C[t][:, None, :]).sum(-1)
-            if D is not None:
-                y = y + D * u[t]
+            y = _readout(h, C[t], u[t], D)
             sig = torch.sigmoid(z[t])
             dz[t] = dy * y * sig * (1 + z[t] * (1 - sig))
             dy = dy * z[t] * sig
@@ -127,8 +137,7 @@ def _chunk_backward(h0, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool,
         ddelta = (gd * A).sum(-1) + g_b * u[t]
         du[t] = g_b * delta if D is None else g_b * delta + dy * D
         if softplus:
-            pre = delta_raw[t] if delta_bias is None else delta_raw[t] + delta_bias
-            ddelta = ddelta * torch.sigmoid(pre)
+            ddelta = ddelta * torch.sigmoid(_delta_pre(delta_raw[t], delta_bias))
         ddelta_raw[t] = ddelta
         carry = decay * g
     stack = torch.stack
@@ -164,7 +173,7 @@ def _run_kernel(kernels: _ChunkKernels, which: str, *args):
     """Call a chunk kernel; if compiling fails (no C++ compiler, unsupported device), fall back to eager once
     and for all, saying why."""
     global _COMPILED, _COMPILE_ERROR
-    if kernels.compiled:
+    if kernels.compiled and _COMPILE_ERROR is None:  # a backward recorded before a failure falls back too
         try:
             return getattr(kernels, which)(*args)
         except Exception as e:  # inductor needs a working toolchain; eager is always there

@@ -180,8 +180,7 @@ def run_data_config(args, model) -> Dict[str, Any]:
     overrides = dict(vars(args))
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if args.img_size is None and args.input_size is None and img_size is not None:
-        in_chans = args.in_chans or 3
-        overrides['input_size'] = (in_chans, *tuple(img_size))
+        overrides['input_size'] = (_in_chans(args), *tuple(img_size))
     return resolve_data_config(overrides, model=model, verbose=utils.is_primary(args))
 
 
