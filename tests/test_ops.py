@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_rsmamba.ops import causal_conv1d, resolve_scan_backend, selective_scan
 from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
@@ -96,11 +97,42 @@ def assert_matches_reference(x, scan_fn, **kwargs):
         assert ((g_new - g_ref).abs().max() / scale) < 1e-4, name
 
 
-def test_chunked_last_state_matches_reference():
-    x = make_inputs(2, 4, 23, 8)
+@pytest.mark.parametrize('budget_chunks', [1, 3])
+def test_chunked_backward_in_groups_of_chunks(monkeypatch, budget_chunks):
+    """Backward re-computes states a group of chunks at a time: carries must cross group boundaries."""
+    b, d, L, n, chunk = 2, 3, 29, 4, 4  # 8 chunks: groups of 1, and of 3 with a short last group
+    monkeypatch.setattr(scan_module, 'PARALLEL_STATE_BUDGET', budget_chunks * chunk * b * d * n)
+    assert_matches_reference(make_inputs(b, d, L, n), selective_scan_chunked, chunk_len=chunk)
+
+
+@pytest.mark.parametrize('L,chunk', [(23, None), (24, 6), (23, 5)])
+def test_chunked_last_state_matches_reference(L, chunk):
+    """Last state after position L-1, whether or not the last chunk is padded."""
+    x = make_inputs(2, 4, L, 8)
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
-    _, h_new = selective_scan_chunked(**x, delta_softplus=True, return_last_state=True, chunk_len=5)
+    _, h_new = selective_scan_chunked(**x, delta_softplus=True, return_last_state=True, chunk_len=chunk)
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_is_vectorised_not_a_loop_over_positions():
+    """Ops dispatched per scan (forward + backward) grow like sqrt(length), not like the length."""
+    counts = []
+    for L in (64, 1024):
+        x = {k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(1, 2, L, 4).items()}
+        with _CountOps() as ops:
+            selective_scan_chunked(**x, delta_softplus=True).sum().backward()
+        counts.append(ops.count)
+    assert counts[1] < 5 * counts[0], counts  # 16x the positions; a per-position loop would be ~16x the ops
 
 
 def test_chunked_gradcheck_float64():
