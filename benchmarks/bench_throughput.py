@@ -7,14 +7,15 @@ Rows, per RSMamba model in --models:
   ours_ckpt  the same with model.set_grad_checkpointing()
   compiled   the pure-PyTorch backends forced ('compiled' scan + 'torch' conv): on CUDA, what runs
              without the extra
-  chunked    the same chunk kernels, eager (no torch.compile)
+  chunked    the eager scan vectorised across chunks (no torch.compile; meant for MPS/XPU)
   reference  the sequential reference scan (fewer steps: --ref-steps after --ref-warmup, and
              --ref-train-warmup before its train steps, which take minutes each); its
              train step uses grad checkpointing unless --ref-no-ckpt, because without it the
              per-position autograd graph of all blocks does not fit in memory
-  original   the published code's CPU path (transformers' slow scan, restated in
-             model_stats.original_fallback_scan), steps as the reference, trained without checkpointing
-             as the original is: it stops at --rss-limit-gb
+  original   the published code's CPU path: transformers' slow scan (restated in
+             model_stats.original_fallback_scan) and the in/out projections run on every token order
+             (model_stats.original_block_forward); steps as the reference, trained without
+             checkpointing as the original is: it stops at --rss-limit-gb
   floor      the scan replaced by an identity that does no recurrence (model_stats.identity_scan)
 and once: deit_tiny, resnet50 (and deit_small on CUDA), what a user might pick instead.
 
@@ -57,7 +58,7 @@ def _slow_row_steps(args) -> str:
 def row_spec(row: str, model: str, args) -> dict:
     """What a child builds for one table row."""
     spec = dict(row=row, model=model, kwargs={}, ckpt=False, steps=args.steps, warmup=args.warmup,
-                batch_size=args.batch_size, note='')
+                batch_size=args.batch_size, note='', original_blocks=False)
     if row in PEERS:
         spec['model'] = PEERS[row]
         return spec
@@ -67,6 +68,7 @@ def row_spec(row: str, model: str, args) -> dict:
         spec['kwargs'] = dict(scan_backend=row, conv_backend='torch')
     elif row == 'original':
         spec['kwargs'] = dict(scan_backend='original_fallback', conv_backend='torch')
+        spec['original_blocks'] = True
         spec.update(steps=args.ref_steps, warmup=args.ref_warmup, warmup_train=args.ref_train_warmup)
         spec['note'] = _slow_row_steps(args)
     elif row == 'reference':
@@ -93,13 +95,15 @@ def _build(spec, args):
     import torch
     import timm
     import timm_rsmamba  # noqa: F401
-    from model_stats import register_benchmark_scans
+    from model_stats import register_benchmark_scans, use_original_blocks
 
     register_benchmark_scans()
     kwargs = dict(spec['kwargs'], num_classes=args.num_classes)
     if spec['model'].startswith(('rsmamba', 'deit', 'vit')):
         kwargs['img_size'] = args.img_size
     model = timm.create_model(spec['model'], **kwargs).to(args.device)
+    if spec['original_blocks']:
+        use_original_blocks(model)
     backend = ''
     if spec['model'].startswith('rsmamba'):
         backend = '/'.join(model.blocks[0].mixer.backend_names(torch.device(args.device)))
@@ -321,8 +325,9 @@ def main(argv=None):
           f'one child process per row and mode', flush=True)
     flops = {}
     for spec in specs:
-        if spec['model'] not in flops:
-            flops[spec['model']] = gflops_per_image(spec['model'], args.img_size, args.num_classes)['total']
+        key = (spec['model'], spec['original_blocks'])
+        if key not in flops:
+            flops[key] = gflops_per_image(*key[:1], args.img_size, args.num_classes, key[1])['total']
 
     results = []
     total = len(specs) * len(modes)
@@ -346,7 +351,9 @@ def main(argv=None):
     print_ratios(results, flops, args, device_type)
     if args.json_out:
         with open(args.json_out, 'w') as f:
-            json.dump(dict(header=header, args=vars(args), gflops=flops, results=results), f, indent=1)
+            json.dump(dict(header=header, args=vars(args), results=results,
+                           gflops={m + (' original blocks' if o else ''): v for (m, o), v in flops.items()}),
+                      f, indent=1)
 
 
 def print_table(results, flops, args, device_type):
@@ -363,7 +370,7 @@ def print_table(results, flops, args, device_type):
         name = spec['row'] if spec['row'] in PEERS else f"{spec['model']} {spec['row']}"
         note = '; '.join(x for x in (spec['note'], ev.get('error'), tr.get('error')) if x)
         backend = ev.get('backend') or tr.get('backend') or '-'
-        gf = flops.get(spec['model'])
+        gf = flops.get((spec['model'], spec['original_blocks']))
         cells = [name, backend, spec['batch_size'], fmt(ev.get('img_s')), fmt(ev.get('ms_img'), '.1f'),
                  fmt(tr.get('img_s')), fmt(tr.get('ms_img'), '.1f'), fmt(tr.get('rss_gb'))]
         if cuda:
@@ -405,10 +412,8 @@ def print_ratios(results, flops, args, device_type):
               get('original', 'eval', 'img_s'))
         ratio('train img/s ours_ckpt / reference (both with ckpt)', get('ours_ckpt', 'train', 'img_s'),
               get('reference', 'train', 'img_s'))
-        ratio('eval img/s ours / chunked (same kernels, eager)', get('ours', 'eval', 'img_s'),
-              get('chunked', 'eval', 'img_s'))
-        ratio('train img/s ours / chunked (same kernels, eager)', get('ours', 'train', 'img_s'),
-              get('chunked', 'train', 'img_s'))
+        ratio('eval img/s ours / chunked (eager)', get('ours', 'eval', 'img_s'), get('chunked', 'eval', 'img_s'))
+        ratio('train img/s ours / chunked (eager)', get('ours', 'train', 'img_s'), get('chunked', 'train', 'img_s'))
         pct = lambda r: f'{100 * (r - 1):+.0f}%'  # noqa: E731
         ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', get('ours', 'eval', 'ms_img'),
               get('floor', 'eval', 'ms_img'), ('<= +60%', lambda r: r <= 1.6), pct)
@@ -419,7 +424,7 @@ def print_ratios(results, flops, args, device_type):
                   get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))
             tr = get('ours', 'train', 'img_s')
             if tr is not None:
-                mfu = 3 * flops[model] * 1e9 * tr / (args.peak_tflops * 1e12)
+                mfu = 3 * flops[(model, False)] * 1e9 * tr / (args.peak_tflops * 1e12)
                 lines.append(f'- train MFU of ours at batch {args.batch_size}: {100 * mfu:.1f}% '
                              f'(target >= 20% at batch 128)')
         key = 'cuda_gb' if device_type == 'cuda' else 'rss_gb'

@@ -18,6 +18,7 @@ elementwise multiply-adds in the pure-PyTorch backend, so it is counted here too
 """
 import argparse
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,36 @@ def original_fallback_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return (y, h) if return_last_state else y
 
 
+def original_block_forward(block, x, pre_norm, perm=None):
+    """The published block, restated: every token order goes through the pre-norm and the whole mixer,
+    projections included, before the orders are merged. timm_rsmamba's MultiPathBlock projects in and out
+    once for all orders (the same math, fewer FLOPs); the `original` row runs this instead."""
+    orders = [x]
+    if block.reverse:
+        orders.append(x.flip(1))
+    if block.shuffle:
+        orders.append(x[:, perm])
+    mixed = block.mixer(pre_norm(torch.cat(orders, dim=0))).chunk(block.num_paths, dim=0)
+    outs = [mixed[0]]
+    if block.reverse:
+        outs.append(mixed[1].flip(1))
+    if block.shuffle:
+        outs.append(mixed[-1][:, torch.argsort(perm)])
+    if block.gate is not None:
+        weights = block.gate(torch.cat([o.mean(dim=1) for o in outs], dim=-1)).softmax(dim=-1)
+        out = sum(weights[:, i, None, None] * o for i, o in enumerate(outs))
+    else:
+        out = sum(outs) / block.num_paths
+    return x + block.drop_path(out)
+
+
+def use_original_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Run every block of an RSMamba model as the published code does (`original_block_forward`)."""
+    for block in model.blocks:
+        block.forward = types.MethodType(original_block_forward, block)
+    return model
+
+
 def register_benchmark_scans():
     """Make scan_backend='identity' (no recurrence) and 'original_fallback' (the published code's slow
     path) available to timm.create_model('rsmamba_*', scan_backend=...)."""
@@ -117,18 +148,22 @@ def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> dic
     return dict(dense=dense / 1e9, scan=scan / 1e9, conv=conv / 1e9, total=(dense + scan + conv) / 1e9)
 
 
-def flop_model(name: str, img_size: int, num_classes: int = 21, **kwargs) -> torch.nn.Module:
-    """The model as count_flops wants it (identity scan for RSMamba; img_size for ViTs)."""
+def flop_model(name: str, img_size: int, num_classes: int = 21, original_blocks: bool = False,
+               **kwargs) -> torch.nn.Module:
+    """The model as count_flops wants it (identity scan for RSMamba; img_size for ViTs); ``original_blocks``:
+    the published code's per-order projections (`use_original_blocks`)."""
     if is_rsmamba(name):
         register_benchmark_scans()
         kwargs.update(scan_backend='identity', conv_backend='torch')
     if is_rsmamba(name) or name.startswith(('deit', 'vit')):
         kwargs['img_size'] = img_size
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
+    model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    return use_original_blocks(model) if original_blocks else model
 
 
-def gflops_per_image(name: str, img_size: int, num_classes: int = 21, **kwargs) -> dict:
-    return count_flops(flop_model(name, img_size, num_classes, **kwargs), img_size)
+def gflops_per_image(name: str, img_size: int, num_classes: int = 21, original_blocks: bool = False,
+                     **kwargs) -> dict:
+    return count_flops(flop_model(name, img_size, num_classes, original_blocks, **kwargs), img_size)
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 
 from model_stats import (  # noqa: E402
-    SCAN_FLOPS_PER_CHANNEL, SCAN_FLOPS_PER_STATE, gflops_per_image, original_fallback_scan)
+    SCAN_FLOPS_PER_CHANNEL, SCAN_FLOPS_PER_STATE, gflops_per_image, original_fallback_scan, use_original_blocks)
 from timm_rsmamba.ops.scan import selective_scan_reference  # noqa: E402
 
 
@@ -34,3 +34,24 @@ def test_scan_flops_follow_the_shapes():
     expected = depth * 3 * E * tokens * (SCAN_FLOPS_PER_STATE * S + SCAN_FLOPS_PER_CHANNEL) / 1e9
     assert stats['scan'] == pytest.approx(expected)
     assert stats['conv'] == pytest.approx(depth * 3 * E * tokens * 2 * 4 / 1e9)
+
+
+def test_original_blocks_compute_the_same_with_the_published_projection_cost():
+    """The `original` row's blocks: our logits, and per block (paths - 1) more in/out projections per token."""
+    import timm
+    depth, d, E, img, paths = 2, 32, 64, 32, 3
+    kw = dict(img_size=img, depth=depth, embed_dim=d, intermediate_size=E, scan_backend='reference')
+    ours = timm.create_model('rsmamba_small', **kw).eval()
+    original = use_original_blocks(timm.create_model('rsmamba_small', **kw).eval())
+    original.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        torch.testing.assert_close(original(x), ours(x), rtol=1e-5, atol=1e-5)
+    tokens = (img // 8) ** 2
+    dense_ours = gflops_per_image('rsmamba_small', img, depth=depth, embed_dim=d, intermediate_size=E)['dense']
+    dense_orig = gflops_per_image('rsmamba_small', img, original_blocks=True, depth=depth, embed_dim=d,
+                                  intermediate_size=E)['dense']
+    # the original projects every order in (d -> 2E) and out (E -> d); ours once, plus out_proj of each
+    # order's token mean for the gate
+    per_block_macs = (paths - 1) * tokens * (d * 2 * E + E * d) - paths * E * d
+    assert (dense_orig - dense_ours) * 1e9 == pytest.approx(depth * 2 * per_block_macs)

@@ -89,6 +89,34 @@ def test_block_mean_paths_by_hand():
     torch.testing.assert_close(blk(x, norm, perm), expected, rtol=1e-4, atol=1e-5)
 
 
+
+def original_block(blk, norm, x, perm):
+    """The published block: pre-norm and the whole mixer (projections included) on every token order."""
+    y_f = blk.mixer(norm(x))
+    y_r = blk.mixer(norm(x.flip(1))).flip(1)
+    y_s = torch.empty_like(x)
+    y_s[:, perm] = blk.mixer(norm(x[:, perm]))
+    outs = [y_f, y_r, y_s]
+    g = torch.softmax(torch.cat([o.mean(1) for o in outs], -1) @ blk.gate.weight.T, -1)
+    return x + sum(g[:, i, None, None] * o for i, o in enumerate(outs))
+
+
+def test_block_projects_once_yet_computes_the_original_values_and_grads():
+    """Default three gated orders, random shuffle: values and every parameter's gradient as the original."""
+    model = tiny().train()
+    blk, norm = model.blocks[0], model.pre_norm
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    perm = torch.randperm(16)
+    weight = torch.randn(2, 16, 32)
+    params = [x] + list(blk.parameters()) + list(norm.parameters())
+    expected = original_block(blk, norm, x, perm)
+    grads_expected = torch.autograd.grad((expected * weight).sum(), params)
+    got = blk(x, norm, perm)
+    grads = torch.autograd.grad((got * weight).sum(), params)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_expected):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
 def test_identity_shuffle_equals_forward_path():
     model = tiny().eval()
     blk, norm = model.blocks[0], model.pre_norm

@@ -147,25 +147,31 @@ class MultiPathBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_norm: nn.Module, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        paths = [x]
+        """x: (B, L, dim). The original runs pre-norm -> mixer on every token order and merges the results.
+
+        The pre-norm and in_proj act on each token alone, so they run once and the orders are taken of their
+        output; out_proj (linear, no bias) runs once too, on the merged orders, and the gate's per-order
+        token means go through it as means. Same math, 2.5x fewer projection FLOPs for three orders.
+        """
+        mixer = self.mixer
+        xz = mixer.in_proj(pre_norm(x).transpose(0, 1))  # (L, B, 2E), time-major
+        orders = [xz]
         if self.reverse:
-            paths.append(x.flip(1))
+            orders.append(xz.flip(0))
         if self.shuffle:
-            paths.append(x[:, perm])
-        mixed = self.mixer(pre_norm(torch.cat(paths, dim=0))).chunk(self.num_paths, dim=0)
-        outs = [mixed[0]]
+            orders.append(xz[perm])
+        ys = list(mixer.mix(torch.cat(orders, dim=1) if len(orders) > 1 else xz).chunk(self.num_paths, dim=1))
         if self.reverse:
-            outs.append(mixed[1].flip(1))
+            ys[1] = ys[1].flip(0)
         if self.shuffle:
-            outs.append(mixed[-1][:, torch.argsort(perm)])
+            ys[-1] = ys[-1][torch.argsort(perm)]
         if self.gate is not None:
-            weights = self.gate(torch.cat([o.mean(dim=1) for o in outs], dim=-1)).softmax(dim=-1)
-            out = sum(weights[:, i, None, None] * o for i, o in enumerate(outs))
-        elif self.num_paths > 1:
-            out = sum(outs) / self.num_paths
+            means = mixer.out_proj(torch.stack([y.mean(0) for y in ys], dim=1))  # (B, paths, dim)
+            weights = self.gate(means.flatten(1)).softmax(dim=-1)
+            merged = sum(weights[:, i, None] * y for i, y in enumerate(ys))
         else:
-            out = outs[0]
-        return x + self.drop_path(out)
+            merged = sum(ys) / self.num_paths if self.num_paths > 1 else ys[0]
+        return x + self.drop_path(mixer.out_proj(merged).transpose(0, 1))
 
 
 class RSMamba(nn.Module):

@@ -58,11 +58,18 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, length, dim) -> (batch, length, dim)."""
+        return self.out_proj(self.mix(self.in_proj(hidden.transpose(0, 1)))).transpose(0, 1)
+
+    def mix(self, xz: torch.Tensor) -> torch.Tensor:
+        """Everything between the two projections, time-major: xz (L, N, 2E) -> y (L, N, E).
+
+        Split out so that a caller running several token orders of the same tokens can project in once and
+        out once (both act on each token alone) and mix only the orders.
+        """
         E, R, S = self.intermediate_size, self.dt_rank, self.state_size
-        xz = self.in_proj(hidden.transpose(0, 1))  # (L, B, 2E), contiguous time-major
         x, z = xz.split(E, dim=-1)
 
-        def channel_major(t):  # (L, B, C) -> a (B, C, L) view: the ops' layout, no copy
+        def channel_major(t):  # (L, N, C) -> a (N, C, L) view: the ops' layout, no copy
             return t.permute(1, 2, 0)
 
         x = causal_conv1d(
@@ -75,4 +82,4 @@ class MambaMixer(nn.Module):
             x, channel_major(delta), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
             D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             backend=self.scan_backend)
-        return self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)
+        return y.permute(2, 0, 1)
