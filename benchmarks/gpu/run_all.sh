@@ -15,8 +15,8 @@
 # (base 224: ~0.5 GB/img, huge 224: ~2.2, base 384: ~1.9, huge 384: ~6.2): base at batch 128 is
 # ~60 GB of an H100's 80; if it reports out of memory, rerun with --batch-size 96.
 # Rows that would not fit or would take minutes at the big batch run smaller ones (--row-batch):
-# the reference keeps per-position states for backward, and the eager chunked backend launches a dozen
-# small kernels per position, so its time is launch-bound rather than batch-bound.
+# the reference keeps per-position states for backward and launches a dozen small kernels per position;
+# the eager chunked backend keeps (chunks, batch, E, S) states, a memory cost the compiled kernels avoid.
 # Everything worth keeping goes to $OUT (flat: the tool returns at most 8 files, 2 folders deep).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"

@@ -160,17 +160,19 @@ class MultiPathBlock(nn.Module):
             orders.append(xz.flip(0))
         if self.shuffle:
             orders.append(xz[perm])
-        ys = list(mixer.mix(torch.cat(orders, dim=1) if len(orders) > 1 else xz).chunk(self.num_paths, dim=1))
+        y = mixer.mix(torch.cat(orders, dim=1) if len(orders) > 1 else xz).unflatten(1, (self.num_paths, -1))
+        if self.gate is not None:  # (L, paths, B, E); weigh before un-reordering so autograd keeps y alone
+            means = mixer.out_proj(y.mean(0)).transpose(0, 1)  # (B, paths, dim)
+            weights = self.gate(means.flatten(1)).softmax(dim=-1)
+            y = y * weights.t()[None, :, :, None]
+        elif self.num_paths > 1:
+            y = y / self.num_paths
+        ys = list(y.unbind(1))
         if self.reverse:
             ys[1] = ys[1].flip(0)
         if self.shuffle:
             ys[-1] = ys[-1][torch.argsort(perm)]
-        if self.gate is not None:
-            means = mixer.out_proj(torch.stack([y.mean(0) for y in ys], dim=1))  # (B, paths, dim)
-            weights = self.gate(means.flatten(1)).softmax(dim=-1)
-            merged = sum(weights[:, i, None] * y for i, y in enumerate(ys))
-        else:
-            merged = sum(ys) / self.num_paths if self.num_paths > 1 else ys[0]
+        merged = sum(ys)
         return x + self.drop_path(mixer.out_proj(merged).transpose(0, 1))
 
 
