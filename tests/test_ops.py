@@ -6,7 +6,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_rsmamba.ops import causal_conv1d, resolve_scan_backend, selective_scan
 from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
+from timm_rsmamba.ops import conv as conv_module
 from timm_rsmamba.ops import scan as scan_module
+from timm_rsmamba.ops.compiled import CompiledKernels
 from timm_rsmamba.ops.scan import (
     BACKEND_ENV_VAR, selective_scan_chunked, selective_scan_compiled, selective_scan_reference)
 
@@ -65,18 +67,35 @@ def test_compiled_matches_reference_values_and_grads(opts):
                              min_compile_elements=0)
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def _broken_compiler(monkeypatch, module, attr):
+    """Replace a module's CompiledKernels by one whose compiled functions fail as a missing compiler would."""
     def broken(*args, **kwargs):
         raise RuntimeError('no C++ compiler')
-    kernels = scan_module._ChunkKernels(compiled=False)
-    kernels.compiled, kernels.forward, kernels.backward = True, broken, broken
-    monkeypatch.setattr(scan_module, '_COMPILED', kernels)
-    monkeypatch.setattr(scan_module, '_COMPILE_ERROR', None)
+    kernels = CompiledKernels(getattr(module, attr).owner, **getattr(module, attr).eager)
+    kernels._compiled = {name: broken for name in kernels.eager}
+    monkeypatch.setattr(module, attr, kernels)
+    return kernels
+
+
+def test_scan_compile_failure_falls_back_to_eager(monkeypatch):
+    kernels = _broken_compiler(monkeypatch, scan_module, '_CHUNK_KERNELS')
     x = make_inputs(1, 4, 10, 4)
-    with pytest.warns(UserWarning, match=r'torch.compile failed.*no C\+\+ compiler'):
+    with pytest.warns(UserWarning, match=r"scan backend 'compiled': torch.compile failed.*no C\+\+ compiler"):
         y = selective_scan_compiled(**x, delta_softplus=True, min_compile_elements=0)
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
-    assert scan_module._compiled_kernels() is None  # it does not try again
+    assert not kernels.usable  # it does not try again: later calls run the eager chunked scan
+    assert_matches_reference(x, selective_scan_compiled, min_compile_elements=0)
+
+
+def test_conv_compile_failure_falls_back_to_eager(monkeypatch):
+    kernels = _broken_compiler(monkeypatch, conv_module, '_CONV_KERNELS')
+    monkeypatch.setattr(conv_module, 'MIN_COMPILE_ELEMENTS', 0)
+    x, w, b = torch.randn(2, 6, 9, requires_grad=True), torch.randn(6, 4), torch.randn(6)
+    with pytest.warns(UserWarning, match=r"conv backend 'torch': torch.compile failed.*no C\+\+ compiler"):
+        out = causal_conv1d_torch(x, w, b, 'silu')
+    out.sum().backward()
+    torch.testing.assert_close(out, causal_conv1d_reference(x, w, b, 'silu'))
+    assert not kernels.usable
 
 
 def assert_matches_reference(x, scan_fn, **kwargs):
@@ -222,3 +241,19 @@ def test_causal_conv_gradients_match_reference(activation, L):
     grads_ref = torch.autograd.grad(ref.sum(), (x, w, b))
     for g, gr in zip(grads, grads_ref):
         torch.testing.assert_close(g, gr)
+
+
+@pytest.mark.parametrize('activation', [None, 'silu'])
+def test_compiled_causal_conv_matches_reference(monkeypatch, activation):
+    """The torch.compile'd conv kernels (forced at this size) on time-major views: values and gradients."""
+    monkeypatch.setattr(conv_module, 'MIN_COMPILE_ELEMENTS', 0)
+    x = torch.randn(11, 3, 6).permute(1, 2, 0).requires_grad_()
+    w, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+    out = causal_conv1d_torch(x, w, b, activation)
+    ref = causal_conv1d_reference(x, w, b, activation)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert conv_module._CONV_KERNELS.usable  # it really ran compiled
+    weight = torch.randn_like(ref)
+    for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
+                        torch.autograd.grad((ref * weight).sum(), (x, w, b))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)

@@ -24,11 +24,12 @@ Backends:
 """
 import math
 import os
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .compiled import CompiledKernels
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -179,43 +180,8 @@ def _chunk_backward(h0, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool,
     return du, ddelta_raw, dz, dB, dC, dA, dD, carry
 
 
-class _ChunkKernels:
-    """The per-chunk forward/backward, run eagerly or through torch.compile (inductor)."""
-
-    def __init__(self, compiled: bool):
-        self.compiled = compiled
-        if compiled:
-            self.forward = torch.compile(_chunk_forward, fullgraph=True)
-            self.backward = torch.compile(_chunk_backward, fullgraph=True)
-        else:
-            self.forward, self.backward = _chunk_forward, _chunk_backward
-
-
-_EAGER = _ChunkKernels(compiled=False)
-_COMPILED: Optional[_ChunkKernels] = None
-_COMPILE_ERROR: Optional[str] = None
-
-
-def _compiled_kernels() -> Optional[_ChunkKernels]:
-    global _COMPILED
-    if _COMPILED is None and _COMPILE_ERROR is None:
-        _COMPILED = _ChunkKernels(compiled=True)
-    return _COMPILED
-
-
-def _run_kernel(kernels: _ChunkKernels, which: str, *args):
-    """Call a chunk kernel; if compiling fails (no C++ compiler, unsupported device), fall back to eager once
-    and for all, saying why."""
-    global _COMPILED, _COMPILE_ERROR
-    if kernels.compiled and _COMPILE_ERROR is None:  # a backward recorded before a failure falls back too
-        try:
-            return getattr(kernels, which)(*args)
-        except Exception as e:  # inductor needs a working toolchain; eager is always there
-            _COMPILE_ERROR = f'{type(e).__name__}: {e}'.splitlines()[0]
-            _COMPILED = None
-            warnings.warn(f"scan backend 'compiled': torch.compile failed ({_COMPILE_ERROR}); "
-                          "running the same chunked scan eagerly from now on")
-    return getattr(_EAGER, which)(*args)
+# Each chunk's forward and backward, one generated kernel per call.
+_CHUNK_KERNELS = CompiledKernels("scan backend 'compiled'", forward=_chunk_forward, backward=_chunk_backward)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -227,7 +193,7 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len, kernels):
+    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len):
         length, batch, dim = u.shape
         out = u.new_empty(length, batch, dim)
         starts = range(0, length, chunk_len)
@@ -236,10 +202,10 @@ class _ChunkedScan(torch.autograd.Function):
         for i, t0 in enumerate(starts):
             sl = slice(t0, min(t0 + chunk_len, length))
             boundary[i] = h
-            out[sl], h = _run_kernel(kernels, 'forward', h, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl],
+            out[sl], h = _CHUNK_KERNELS('forward', h, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl],
                                      D, delta_bias, softplus)
         ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, boundary)
-        ctx.softplus, ctx.chunk_len, ctx.kernels = softplus, chunk_len, kernels
+        ctx.softplus, ctx.chunk_len = softplus, chunk_len
         last = h.clone()
         ctx.mark_non_differentiable(last)
         return out, last
@@ -257,8 +223,8 @@ class _ChunkedScan(torch.autograd.Function):
         starts = range(0, length, ctx.chunk_len)
         for i in reversed(range(len(starts))):
             sl = slice(starts[i], min(starts[i] + ctx.chunk_len, length))
-            du[sl], ddelta_raw[sl], dz_c, dB[sl], dC[sl], dA_c, dD_c, carry = _run_kernel(
-                ctx.kernels, 'backward', boundary[i], u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
+            du[sl], ddelta_raw[sl], dz_c, dB[sl], dC[sl], dA_c, dD_c, carry = _CHUNK_KERNELS(
+                'backward', boundary[i], u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
                 delta_bias, ctx.softplus, dout[sl].contiguous(), carry)
             dA += dA_c
             if dz is not None:
@@ -266,7 +232,7 @@ class _ChunkedScan(torch.autograd.Function):
             if dD is not None:
                 dD += dD_c
         d_bias = ddelta_raw.sum((0, 1)) if delta_bias is not None else None
-        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None, None
+        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None
 
 
 def _parallel_chunk_len(length: int) -> int:
@@ -377,9 +343,9 @@ def _slice(t, sl):
 
 
 def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len,
-                  kernels: Optional[_ChunkKernels]):
-    """Layout and precision around the two chunked scans: one kernel call per chunk (``kernels``), or
-    all chunks at once, eagerly (``kernels=None``)."""
+                  compiled: bool):
+    """Layout and precision around the two chunked scans: one compiled kernel call per chunk, or all
+    chunks at once, eagerly."""
     ct = _compute_dtype(u.dtype)
     batch, dim, length = u.shape
     state = A.shape[1]
@@ -396,11 +362,11 @@ def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_la
         else:
             args = (time_major(u), time_major(delta), A.to(ct).contiguous(), time_major(B), time_major(C),
                     vector(D), time_major(z), vector(delta_bias), delta_softplus)
-            if kernels is None:
+            if compiled:
+                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length))
+            else:
                 chunk = min(chunk_len or _parallel_chunk_len(length), length)
                 out, last = _ParallelChunkScan.apply(*args, chunk, PARALLEL_STATE_BUDGET, return_last_state)
-            else:
-                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length), kernels)
         out = out.to(u.dtype).permute(1, 2, 0)
     return (out, last) if return_last_state else out
 
@@ -414,7 +380,7 @@ def selective_scan_chunked(
     (length, batch, dim) tensors and pass ``.permute(1, 2, 0)`` views (as the mixer does) pay no layout
     copies, and the result is such a view too.
     """
-    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, None)
+    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, False)
 
 
 def selective_scan_compiled(
@@ -428,8 +394,8 @@ def selective_scan_compiled(
     machines where compiling fails, run the eager ``chunked`` scan instead.
     """
     threshold = MIN_COMPILE_ELEMENTS if min_compile_elements is None else min_compile_elements
-    kernels = _compiled_kernels() if u.numel() * A.shape[1] >= threshold else None
-    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, kernels)
+    compiled = _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold
+    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, compiled)
 
 
 def _mamba_ssm_fn() -> Optional[Callable]:
