@@ -62,16 +62,41 @@ def test_chunked_matches_reference_values_and_grads(shape, chunk, opts):
 
 @pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
 def test_compiled_matches_reference_values_and_grads(opts):
-    """torch.compile'd chunk kernels (forced even at this size), a tail chunk included."""
-    assert_matches_reference(make_inputs(2, 6, 37, 16, **opts), selective_scan_compiled, chunk_len=8,
-                             min_compile_elements=0)
+    """torch.compile'd chunk kernels (forced even at this size), a tail chunk included; the last state too
+    (the forward keeps states state-major, it must come back as (batch, dim, state))."""
+    x = make_inputs(2, 6, 37, 16, **opts)
+    assert_matches_reference(x, selective_scan_compiled, chunk_len=8, min_compile_elements=0)
+    with_grad = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}  # same graphs
+    _, h_new = selective_scan_compiled(**with_grad, delta_softplus=True, return_last_state=True, chunk_len=8,
+                                       min_compile_elements=0)
+    _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
+    assert h_new.shape == h_ref.shape and h_new.is_contiguous()
+    torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_runs_chunked_for_states_it_does_not_unroll(monkeypatch):
+    """States beyond MAX_COMPILED_STATE never reach the compiler (it would unroll them all)."""
+    kernels = _broken_compiler(monkeypatch, scan_module, '_CHUNK_KERNELS')
+    x = make_inputs(1, 3, 12, scan_module.MAX_COMPILED_STATE + 1)
+    assert_matches_reference(x, selective_scan_compiled, min_compile_elements=0)
+    assert kernels.usable  # no compile was attempted
+
+
+def test_softplus_matches_float64_over_the_whole_range():
+    """The exp/log softplus of the fast kernels against torch's softplus in float64: within a few ulps."""
+    x = torch.cat([torch.linspace(-100, 100, 400_001), torch.randn(100_000) * 4])
+    exact = F.softplus(x.double())
+    fast = scan_module._softplus(x).double()
+    keep = exact > 1e-30  # below that fp32 underflows, in torch's softplus too
+    assert ((fast - exact).abs() / exact)[keep].max() < 1e-6
 
 
 def _broken_compiler(monkeypatch, module, attr):
     """Replace a module's CompiledKernels by one whose compiled functions fail as a missing compiler would."""
     def broken(*args, **kwargs):
         raise RuntimeError('no C++ compiler')
-    kernels = CompiledKernels(getattr(module, attr).owner, **getattr(module, attr).eager)
+    working = getattr(module, attr)
+    kernels = CompiledKernels(working.owner, working.options, **working.eager)
     kernels._compiled = {name: broken for name in kernels.eager}
     monkeypatch.setattr(module, attr, kernels)
     return kernels

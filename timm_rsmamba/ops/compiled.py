@@ -9,8 +9,9 @@ class CompiledKernels:
     """Named functions run through torch.compile (inductor); if compiling fails (no C++ compiler, an
     unsupported device) they run eagerly from then on, once and for all, with a warning that says why."""
 
-    def __init__(self, owner: str, **functions: Callable):
+    def __init__(self, owner: str, options: Optional[Dict[str, Dict]] = None, **functions: Callable):
         self.owner = owner
+        self.options = options or {}  # kernel name -> inductor settings for that kernel (torch.compile's options)
         self.eager: Dict[str, Callable] = functions
         self._compiled: Optional[Dict[str, Callable]] = None
         self.error: Optional[str] = None
@@ -23,7 +24,8 @@ class CompiledKernels:
         """Run kernel ``name``: compiled unless ``compiled=False`` or compiling has failed before."""
         if compiled and self.error is None:
             if self._compiled is None:
-                self._compiled = {k: torch.compile(f, fullgraph=True) for k, f in self.eager.items()}
+                self._compiled = {k: torch.compile(f, fullgraph=True, options=self.options.get(k))
+                                  for k, f in self.eager.items()}
             try:
                 return self._compiled[name](*args)
             except Exception as e:  # inductor needs a working toolchain; eager is always there

@@ -11,12 +11,12 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 Backends:
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
 * ``compiled``: pure PyTorch, the default on CPU and on CUDA without the extra. The sequence is cut
-  into chunks of 16 positions; each chunk's forward and backward is a plain loop over positions that
-  torch.compile (inductor) turns into one generated kernel: no Python and no dispatcher per position,
-  and the per-position elementwise work fused (on CPU still one parallel loop nest per position).
+  into chunks of 8 positions; each chunk's forward and backward is a plain loop over positions that
+  torch.compile (inductor) turns into generated kernels: no Python and no dispatcher per position. The
+  forward unrolls the state too, so it is a single loop nest with each channel's states in registers.
   Its autograd backward re-computes the states chunk by chunk from saved chunk-boundary states, so
   training keeps O(batch * length * dim) activations instead of O(batch * length * dim * state).
-  Small problems, and machines where compiling fails, run ``chunked`` instead.
+  Small problems, states larger than 16, and machines where compiling fails run ``chunked`` instead.
 * ``chunked``: eager, no compiler needed, vectorised across chunks: each op covers one position of every
   chunk at once, about 3 sqrt(length) ops per scan instead of a dozen per position. Made for devices where
   each op launch costs (MPS, XPU); on CPU its full-size temporaries make it slower than ``compiled``.
@@ -33,9 +33,15 @@ from .compiled import CompiledKernels
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
-# Positions per chunk: each chunk's forward and backward are one kernel call, so the chunk bounds the
-# (chunk, batch, dim, state) working set that backward re-computes and holds.
-DEFAULT_CHUNK_LEN = 16
+# Positions per chunk of the compiled scan: one forward and one backward kernel call per chunk. Backward
+# re-computes and holds the chunk's (chunk, batch, dim, state) states; at 8 positions they stay in cache
+# (16 made backward 1.7x slower on a 2-core EPYC) and autograd keeps one state per 8 positions.
+DEFAULT_CHUNK_LEN = 8
+# The compiled forward unrolls the state dimension, one vector register per state; larger states run `chunked`.
+MAX_COMPILED_STATE = 16
+# inductor fuses at most 64 nodes into one kernel by default; the unrolled forward chunk has a few hundred,
+# and cut into pieces it stores and re-reads every state between them. (Backward is faster with the default.)
+_FORWARD_COMPILE_OPTIONS = {'max_fusion_size': 4096}
 # Below this many state elements (batch * dim * state * length) compiling costs more than it saves.
 MIN_COMPILE_ELEMENTS = 2 ** 22
 # States the eager chunked backward keeps at once (elements, fp32: 128 MiB, twice: states and decays).
@@ -51,9 +57,20 @@ def _delta_pre(delta_raw, delta_bias):
     return delta_raw if delta_bias is None else delta_raw + delta_bias
 
 
+def _softplus(x):
+    """softplus(x) = max(x, 0) + log1p(exp(-|x|)), with log1p(w) = log(1 + w) w / ((1 + w) - 1) (Goldberg).
+
+    Within a few ulps of the exact value like F.softplus, but built from exp and log: on CPU the vectorised
+    log1p behind F.softplus costs ten times a log, and it was half the time of a compiled scan chunk.
+    """
+    w = torch.exp(-x.abs())
+    one_plus = 1 + w
+    return x.clamp(min=0) + torch.where(one_plus == 1, w, torch.log(one_plus) * (w / (one_plus - 1)))
+
+
 def _positive_delta(delta_raw, delta_bias, softplus):
     delta = _delta_pre(delta_raw, delta_bias)
-    return F.softplus(delta) if softplus else delta
+    return _softplus(delta) if softplus else delta
 
 
 def selective_scan_reference(
@@ -61,8 +78,9 @@ def selective_scan_reference(
     """Plain sequential scan, one position at a time: slow, obvious, used to check the others."""
     ct = _compute_dtype(u.dtype)
     u_c, A_c, B_c, C_c = (t.to(ct) for t in (u, A, B, C))
-    delta_c = _positive_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct)[:, None],
-                              delta_softplus)
+    delta_c = delta.to(ct) if delta_bias is None else delta.to(ct) + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta_c = F.softplus(delta_c)
     batch, dim, length = u.shape
     h = u_c.new_zeros(batch, dim, A.shape[1])
     ys = []
@@ -102,9 +120,9 @@ def _sum_leading(t, keep: int):
 def _chunk_forward(h, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool):
     """One chunk of T positions, time-major: u, delta_raw, z (T, ..., d); B, C (T, ..., n); h (..., d, n).
 
-    Returns the chunk's output (T, ..., d) and its last state. Written as a plain loop over positions so
-    that torch.compile can turn the whole chunk into one generated kernel; the eager ``chunked`` backend
-    runs it on every chunk at once (the leading dims then hold chunk and batch).
+    Returns the chunk's output (T, ..., d) and its last state. The eager ``chunked`` backend runs it on every
+    chunk at once (the leading dims then hold chunk and batch); the compiled backend uses
+    `_chunk_forward_by_state`, the same steps in a layout the compiler keeps in registers.
     """
     ys = []
     for t in range(u.shape[0]):
@@ -113,6 +131,29 @@ def _chunk_forward(h, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool):
         y = _readout(h, C[t], u[t], D)
         ys.append(y if z is None else y * F.silu(z[t]))
     return torch.stack(ys), h
+
+
+def _chunk_forward_by_state(h, u, delta_raw, z, A_t, B, C, D, delta_bias, softplus: bool):
+    """`_chunk_forward` for torch.compile: the state dimension unrolled and the state kept state-major.
+
+    h (n, batch, d) and A_t (n, d); the rest as in `_chunk_forward`. Every op is then elementwise over
+    (batch, d), so inductor emits one loop nest over (batch, d) that holds a channel's n states in vector
+    registers for the whole chunk. With the state as the last dim, each position's readout is a reduction
+    that inductor puts in a loop of its own, storing and re-reading every state: 1.8x slower.
+    Returns the chunk's output (T, batch, d) and its last state (n, batch, d).
+    """
+    hs = list(h.unbind(0))
+    ys = []
+    for t in range(u.shape[0]):
+        delta = _positive_delta(delta_raw[t], delta_bias, softplus)
+        drive = delta * u[t]
+        y = None
+        for i in range(len(hs)):
+            hs[i] = torch.exp(delta * A_t[i]) * hs[i] + drive * B[t, :, i, None]
+            y = hs[i] * C[t, :, i, None] if y is None else y + hs[i] * C[t, :, i, None]
+        y = y if D is None else y + D * u[t]
+        ys.append(y if z is None else y * F.silu(z[t]))
+    return torch.stack(ys), torch.stack(hs)
 
 
 def _recompute_states(h0, u, delta_raw, A, B, delta_bias, softplus: bool):
@@ -181,50 +222,52 @@ def _chunk_backward(h0, u, delta_raw, z, A, B, C, D, delta_bias, softplus: bool,
 
 
 # Each chunk's forward and backward, one generated kernel per call.
-_CHUNK_KERNELS = CompiledKernels("scan backend 'compiled'", forward=_chunk_forward, backward=_chunk_backward)
+_CHUNK_KERNELS = CompiledKernels("scan backend 'compiled'", options={'forward': _FORWARD_COMPILE_OPTIONS},
+                                 forward=_chunk_forward_by_state, backward=_chunk_backward)
 
 
 class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan on time-major tensors, one chunk kernel call per chunk of positions.
 
     Inputs: u, delta_raw, z (L, b, d) (any strides); A (d, n); B, C (L, b, n); D, delta_bias (d,) or None.
-    Autograd keeps only the inputs plus one (b, d, n) state per chunk boundary, not the
-    (L, b, d, n) states: backward re-computes each chunk's states from its boundary state.
+    Autograd keeps only the inputs plus the state at each chunk start (state-major, (n, b, d)), not the
+    (L, b, d, n) states: backward re-computes each chunk's states from its start state.
     """
 
     @staticmethod
     def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len):
         length, batch, dim = u.shape
-        out = u.new_empty(length, batch, dim)
-        starts = range(0, length, chunk_len)
-        boundary = u.new_empty(len(starts), batch, dim, A.shape[1])
-        h = u.new_zeros(batch, dim, A.shape[1])
-        for i, t0 in enumerate(starts):
+        states = [u.new_zeros(A.shape[1], batch, dim)]
+        outs = []
+        A_t = A.t().contiguous()
+        for t0 in range(0, length, chunk_len):
             sl = slice(t0, min(t0 + chunk_len, length))
-            boundary[i] = h
-            out[sl], h = _CHUNK_KERNELS('forward', h, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl],
-                                     D, delta_bias, softplus)
-        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, boundary)
+            out, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
+                                    D, delta_bias, softplus)
+            outs.append(out)
+            states.append(h)
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, *states[:-1])  # no copy into one tensor
         ctx.softplus, ctx.chunk_len = softplus, chunk_len
-        last = h.clone()
+        last = states[-1].permute(1, 2, 0).contiguous()
         ctx.mark_non_differentiable(last)
-        return out, last
+        return torch.cat(outs), last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        u, delta_raw, A, B, C, D, z, delta_bias, boundary = ctx.saved_tensors
+        u, delta_raw, A, B, C, D, z, delta_bias, *chunk_starts = ctx.saved_tensors
         length = u.shape[0]
         du, ddelta_raw = torch.empty_like(u), torch.empty_like(u)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dz = torch.empty_like(u) if z is not None else None
         dA = torch.zeros_like(A)
         dD = torch.zeros_like(D) if D is not None else None
-        carry = torch.zeros_like(boundary[0])
+        carry = u.new_zeros(u.shape[1], u.shape[2], A.shape[1])
         starts = range(0, length, ctx.chunk_len)
         for i in reversed(range(len(starts))):
             sl = slice(starts[i], min(starts[i] + ctx.chunk_len, length))
+            h0 = chunk_starts[i].permute(1, 2, 0).contiguous()  # strided, it slows the whole kernel 2x
             du[sl], ddelta_raw[sl], dz_c, dB[sl], dC[sl], dA_c, dD_c, carry = _CHUNK_KERNELS(
-                'backward', boundary[i], u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
+                'backward', h0, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
                 delta_bias, ctx.softplus, dout[sl].contiguous(), carry)
             dA += dA_c
             if dz is not None:
@@ -394,7 +437,7 @@ def selective_scan_compiled(
     machines where compiling fails, run the eager ``chunked`` scan instead.
     """
     threshold = MIN_COMPILE_ELEMENTS if min_compile_elements is None else min_compile_elements
-    compiled = _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold
+    compiled = _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold and A.shape[1] <= MAX_COMPILED_STATE
     return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, compiled)
 
 
