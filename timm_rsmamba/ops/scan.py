@@ -432,9 +432,9 @@ def selective_scan_compiled(
     """The chunked scan with each chunk's forward and backward fused by torch.compile.
 
     One generated kernel per chunk instead of a dozen eager ops per position: on a 2-core CPU rsmamba_base
-    evaluates 2.4x faster than with ``chunked`` (benchmarks/RESULTS.md).
-    Problems smaller than ``min_compile_elements`` state elements (default MIN_COMPILE_ELEMENTS), and
-    machines where compiling fails, run the eager ``chunked`` scan instead.
+    evaluates 5.1x faster than with ``chunked`` (benchmarks/RESULTS.md).
+    Problems smaller than ``min_compile_elements`` state elements (default MIN_COMPILE_ELEMENTS), states
+    larger than MAX_COMPILED_STATE, and machines where compiling fails run the eager ``chunked`` scan instead.
     """
     threshold = MIN_COMPILE_ELEMENTS if min_compile_elements is None else min_compile_elements
     compiled = _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold and A.shape[1] <= MAX_COMPILED_STATE
