@@ -327,7 +327,8 @@ def main(argv=None):
     for spec in specs:
         key = (spec['model'], spec['original_blocks'])
         if key not in flops:
-            flops[key] = gflops_per_image(*key[:1], args.img_size, args.num_classes, key[1])['total']
+            flops[key] = gflops_per_image(spec['model'], args.img_size, args.num_classes,
+                                          spec['original_blocks'])['total']
 
     results = []
     total = len(specs) * len(modes)

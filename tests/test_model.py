@@ -89,7 +89,6 @@ def test_block_mean_paths_by_hand():
     torch.testing.assert_close(blk(x, norm, perm), expected, rtol=1e-4, atol=1e-5)
 
 
-
 def original_block(blk, norm, x, perm):
     """The published block: pre-norm and the whole mixer (projections included) on every token order."""
     y_f = blk.mixer(norm(x))
@@ -116,6 +115,7 @@ def test_block_projects_once_yet_computes_the_original_values_and_grads():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_expected):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
 
 def test_identity_shuffle_equals_forward_path():
     model = tiny().eval()

@@ -226,6 +226,11 @@ _CHUNK_KERNELS = CompiledKernels("scan backend 'compiled'", options={'forward': 
                                  forward=_chunk_forward_by_state, backward=_chunk_backward)
 
 
+def _chunk_slices(length: int, chunk_len: int):
+    """The positions of each chunk, the last one possibly shorter."""
+    return [slice(t0, min(t0 + chunk_len, length)) for t0 in range(0, length, chunk_len)]
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan on time-major tensors, one chunk kernel call per chunk of positions.
 
@@ -240,8 +245,7 @@ class _ChunkedScan(torch.autograd.Function):
         states = [u.new_zeros(A.shape[1], batch, dim)]
         outs = []
         A_t = A.t().contiguous()
-        for t0 in range(0, length, chunk_len):
-            sl = slice(t0, min(t0 + chunk_len, length))
+        for sl in _chunk_slices(length, chunk_len):
             out, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
                                     D, delta_bias, softplus)
             outs.append(out)
@@ -262,10 +266,8 @@ class _ChunkedScan(torch.autograd.Function):
         dA = torch.zeros_like(A)
         dD = torch.zeros_like(D) if D is not None else None
         carry = u.new_zeros(u.shape[1], u.shape[2], A.shape[1])
-        starts = range(0, length, ctx.chunk_len)
-        for i in reversed(range(len(starts))):
-            sl = slice(starts[i], min(starts[i] + ctx.chunk_len, length))
-            h0 = chunk_starts[i].permute(1, 2, 0).contiguous()  # strided, it slows the whole kernel 2x
+        for sl, start in zip(reversed(_chunk_slices(length, ctx.chunk_len)), reversed(chunk_starts)):
+            h0 = start.permute(1, 2, 0).contiguous()  # strided, it slows the whole kernel 2x
             du[sl], ddelta_raw[sl], dz_c, dB[sl], dC[sl], dA_c, dD_c, carry = _CHUNK_KERNELS(
                 'backward', h0, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
                 delta_bias, ctx.softplus, dout[sl].contiguous(), carry)
