@@ -38,21 +38,20 @@ _scan_elements = {'bel': 0, 'bels': 0}  # (3B*E*L) and (3B*E*L*S) seen by identi
 
 def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                   return_last_state=False):
-    """A scan backend with no recurrence: ``u * D`` gated by ``silu(z)``.
+    """A scan backend that returns ``u`` unchanged: the whole selective-scan op (recurrence, D skip and
+    SiLU(z) gate) replaced by the identity, the strictest floor for what the scan costs.
 
-    It keeps everything around the scan (projections, conv, gate, layouts) and the output's dtype,
-    shape and autograd reach: a zero-weighted mean of delta, A, B, C and delta_bias is added so the
-    backward pass still reaches x_proj, dt_proj and A_log, so the difference to a real backend is the
-    recurrence alone. Also tallies the scan's element counts for the analytic FLOP count.
+    With autograd on, a zero-weighted mean of every other input is added so the backward pass still
+    reaches x_proj, dt_proj, A_log, D and the z half of in_proj. Also tallies the scan's element counts
+    for the analytic FLOP count.
     """
     batch, dim, length = u.shape
     _scan_elements['bel'] += batch * dim * length
     _scan_elements['bels'] += batch * dim * length * A.shape[1]
-    y = u if D is None else u * D[:, None].to(u.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    touched = [t for t in (delta, A, B, C, delta_bias) if t is not None]
-    y = y + (sum(t.float().mean() for t in touched) * 0).to(y.dtype)
+    y = u
+    if torch.is_grad_enabled():
+        touched = [t for t in (delta, A, B, C, D, z, delta_bias) if t is not None]
+        y = u + (sum(t.float().mean() for t in touched) * 0).to(u.dtype)
     if return_last_state:
         return y, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
     return y

@@ -146,6 +146,16 @@ class MultiPathBlock(nn.Module):
             self.gate = None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    def _token_orders(self, length: int, perm: Optional[torch.Tensor], device) -> torch.Tensor:
+        """(L, paths) token indices: forward, then reversed, then shuffled by ``perm``, as present."""
+        forward = torch.arange(length, device=device)
+        orders = [forward]
+        if self.reverse:
+            orders.append(forward.flip(0))
+        if self.shuffle:
+            orders.append(perm)
+        return torch.stack(orders, dim=1)
+
     def forward(self, x: torch.Tensor, pre_norm: nn.Module, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, L, dim). The original runs pre-norm -> mixer on every token order and merges the results.
 
@@ -155,24 +165,23 @@ class MultiPathBlock(nn.Module):
         """
         mixer = self.mixer
         xz = mixer.in_proj(pre_norm(x).transpose(0, 1))  # (L, B, 2E), time-major
-        orders = [xz]
-        if self.reverse:
-            orders.append(xz.flip(0))
-        if self.shuffle:
-            orders.append(xz[perm])
-        y = mixer.mix(torch.cat(orders, dim=1) if len(orders) > 1 else xz).unflatten(1, (self.num_paths, -1))
-        if self.gate is not None:  # (L, paths, B, E); weigh before un-reordering so autograd keeps y alone
+        length, batch = xz.shape[:2]
+        if self.num_paths == 1:
+            return x + self.drop_path(mixer.out_proj(mixer.mix(xz)).transpose(0, 1))
+        order = self._token_orders(length, perm, xz.device)  # (L, paths): position l of each order
+        # one gather builds every order, laid out (L, paths * B, 2E); its backward is one index_add
+        y = mixer.mix(xz.index_select(0, order.flatten()).view(length, -1, xz.shape[-1]))
+        y = y.unflatten(1, (self.num_paths, batch))  # (L, paths, B, E)
+        if self.gate is not None:  # weigh before un-reordering so autograd keeps y alone
             means = mixer.out_proj(y.mean(0)).transpose(0, 1)  # (B, paths, dim)
             weights = self.gate(means.flatten(1)).softmax(dim=-1)
             y = y * weights.t()[None, :, :, None]
-        elif self.num_paths > 1:
+        else:
             y = y / self.num_paths
-        ys = list(y.unbind(1))
-        if self.reverse:
-            ys[1] = ys[1].flip(0)
-        if self.shuffle:
-            ys[-1] = ys[-1][torch.argsort(perm)]
-        merged = sum(ys)
+        # back to token order with one gather over (L * paths) rows: token i of order p sits at row
+        # inverse[i, p] * paths + p
+        inverse = torch.argsort(order, dim=0) * self.num_paths + torch.arange(self.num_paths, device=order.device)
+        merged = y.flatten(0, 1).index_select(0, inverse.flatten()).view(length, self.num_paths, batch, -1).sum(1)
         return x + self.drop_path(mixer.out_proj(merged).transpose(0, 1))
 
 
