@@ -26,6 +26,7 @@ mkdir -p "$SITE" "$BUILD"
 
 check_import() {
     $PY - <<'PY'
+import torch  # first: the extensions link against libc10.so, which torch loads
 import selective_scan_cuda, causal_conv1d_cuda  # the compiled extensions
 from causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # runs mamba_ssm/__init__ too
