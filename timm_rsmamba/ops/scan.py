@@ -434,7 +434,7 @@ def selective_scan_compiled(
     """The chunked scan with each chunk's forward and backward fused by torch.compile.
 
     One generated kernel per chunk instead of a dozen eager ops per position: on a 2-core CPU rsmamba_base
-    evaluates 5.1x faster than with ``chunked`` (benchmarks/RESULTS.md).
+    evaluates 4.7x faster than with ``chunked`` (run J in benchmarks/RESULTS.md).
     Problems smaller than ``min_compile_elements`` state elements (default MIN_COMPILE_ELEMENTS), states
     larger than MAX_COMPILED_STATE, and machines where compiling fails run the eager ``chunked`` scan instead.
     """
