@@ -208,7 +208,7 @@ def test_fixed_permutations_depend_on_seed_and_block():
     assert torch.equal(pa[0], tiny(shuffle_seed=0).shuffle_permutations(16)[0])
 
 
-@pytest.mark.parametrize('backend', ['chunked', 'compiled'])
+@pytest.mark.parametrize('backend', ['chunked', 'compiled', 'cpu_kernel'])
 def test_fast_backend_matches_reference_on_whole_model(backend, monkeypatch):
     monkeypatch.setattr('timm_rsmamba.ops.scan.MIN_COMPILE_ELEMENTS', 0)  # compile even this small model
     model = timm.create_model('rsmamba_small', num_classes=7, img_size=48, depth=3, scan_backend=backend).eval()

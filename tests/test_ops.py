@@ -9,8 +9,10 @@ from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, 
 from timm_rsmamba.ops import conv as conv_module
 from timm_rsmamba.ops import scan as scan_module
 from timm_rsmamba.ops.compiled import CompiledKernels
+from timm_rsmamba.ops import cpu_kernel as cpu_kernel_module
 from timm_rsmamba.ops.scan import (
-    BACKEND_ENV_VAR, selective_scan_chunked, selective_scan_compiled, selective_scan_reference)
+    BACKEND_ENV_VAR, selective_scan_chunked, selective_scan_compiled, selective_scan_cpu_kernel,
+    selective_scan_reference)
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -72,6 +74,61 @@ def test_compiled_matches_reference_values_and_grads(opts):
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
     assert h_new.shape == h_ref.shape and h_new.is_contiguous()
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape,chunk,backward_compiled', [
+    ((2, 6, 37, 16), 8, True),     # the unrolled 16-state kernel; a tail chunk; compiled backward
+    ((2, 20, 45, 16), 8, False),   # 20 channels: a full and a partial vector block; eager backward
+    ((2, 6, 1, 16), None, False),  # a single position
+    ((1, 8, 300, 16), 32, False),  # long sequence, many chunks
+    ((3, 5, 20, 4), 3, False),     # state size read at run time
+])
+@pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
+def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, backward_compiled, opts):
+    """The C++ forward against the sequential reference; gradients through the chunk-start states it saves."""
+    x = make_inputs(*shape, **opts)
+    threshold = 0 if backward_compiled else None
+    assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk, min_compile_elements=threshold)
+    assert cpu_kernel_module.CPU_SCAN_KERNEL.module is not None, cpu_kernel_module.CPU_SCAN_KERNEL.error
+    _, h_new = selective_scan_cpu_kernel(**x, delta_softplus=True, return_last_state=True, chunk_len=chunk)
+    _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
+    assert h_new.shape == h_ref.shape and h_new.is_contiguous()
+    torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_inlined_math_over_extreme_inputs():
+    """The kernel's own exp, log1p and sigmoid at the ends of their ranges: softplus from -60 to 60 (and none),
+    decays that underflow to 0, z that saturates the gate, positive A (growing states); and a NaN propagates."""
+    x = make_inputs(2, 16, 24, 16)
+    x['delta'] = torch.linspace(-60, 60, x['delta'].numel()).reshape(x['delta'].shape)
+    x['z'] = torch.linspace(-150, 150, x['z'].numel()).reshape(x['z'].shape)
+    x['A'][:, :4] *= 40  # delta A far below the smallest normal exponent
+    no_softplus = dict(x, delta=x['delta'].sigmoid() * 3, delta_bias=None, delta_softplus=False)
+    grow = dict(make_inputs(2, 16, 12, 16), delta_softplus=True)
+    grow['A'] = grow['A'].abs() * 0.2  # exp(delta A) > 1: the overflow-guarded path; states reach 1e8
+    for kw in (dict(x, delta_softplus=True), no_softplus, grow):
+        ours, ref = selective_scan_cpu_kernel(**kw), selective_scan_reference(**kw)
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-6
+    x['delta'][0, 3, 5] = float('nan')
+    y = selective_scan_cpu_kernel(**x, delta_softplus=True)
+    assert y[0, 3, 5:].isnan().all() and not y[0, 3, :5].isnan().any() and not y[1].isnan().any()
+
+
+def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
+    kernel = cpu_kernel_module._CpuScanKernel()
+    monkeypatch.setattr(cpu_kernel_module, '_SOURCE', cpu_kernel_module._SOURCE.with_name('missing.cpp'))
+    monkeypatch.setattr(scan_module, 'CPU_SCAN_KERNEL', kernel)
+    x = make_inputs(1, 4, 10, 4)
+    with pytest.warns(UserWarning, match=r"scan backend 'cpu_kernel': building missing.cpp failed.*'compiled'"):
+        y = selective_scan_cpu_kernel(**x, delta_softplus=True)
+    torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
+    assert kernel.error and kernel.module is None  # it does not try again
+
+
+def test_cpu_kernel_refuses_other_devices():
+    x = {k: (v.to('meta') if v is not None else None) for k, v in make_inputs(1, 2, 4, 4).items()}
+    with pytest.raises(RuntimeError, match="'cpu_kernel' runs on CPU tensors only, got meta"):
+        selective_scan(**x, backend='cpu_kernel')
 
 
 def test_compiled_runs_chunked_for_states_it_does_not_unroll(monkeypatch):
@@ -179,12 +236,14 @@ def test_chunked_is_vectorised_not_a_loop_over_positions():
     assert counts[1] < 5 * counts[0], counts  # 16x the positions; a per-position loop would be ~16x the ops
 
 
-def test_chunked_gradcheck_float64():
+@pytest.mark.parametrize('scan_fn', [selective_scan_chunked, selective_scan_cpu_kernel])
+def test_gradcheck_float64(scan_fn):
+    """fp64 on the default CPU backend runs without the fp32-only C++ forward."""
     x = make_inputs(1, 2, 6, 3, dtype=torch.float64)
     names = [k for k, v in x.items() if v is not None]
 
     def fn(*tensors):
-        return selective_scan_chunked(**dict(zip(names, tensors)), delta_softplus=True, chunk_len=4)
+        return scan_fn(**dict(zip(names, tensors)), delta_softplus=True, chunk_len=4)
     assert torch.autograd.gradcheck(fn, tuple(x[k].requires_grad_() for k in names))
 
 
@@ -198,12 +257,13 @@ def test_chunked_accepts_time_major_views():
         rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_autocast_on_cpu_accumulates_in_fp32():
+@pytest.mark.parametrize('backend', ['chunked', 'cpu_kernel'])
+def test_bf16_autocast_on_cpu_accumulates_in_fp32(backend):
     x = make_inputs(2, 8, 64, 16)
     y32 = selective_scan_chunked(**x, delta_softplus=True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         y16 = selective_scan(**{k: (v.bfloat16() if v is not None else None) for k, v in x.items()},
-                             delta_softplus=True, backend='chunked')
+                             delta_softplus=True, backend=backend)
     assert y16.dtype == torch.bfloat16 and torch.isfinite(y16.float()).all()
     # inputs rounded to bf16 only: an fp32 recurrence keeps the error at bf16 input precision
     assert (y16.float() - y32).abs().max() / y32.abs().max() < 0.05
@@ -223,7 +283,7 @@ def test_causal_conv_matches_reference(L):
 
 def test_backend_switch_env_and_errors(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
-    assert resolve_scan_backend(None, torch.device('cpu')) == 'compiled'
+    assert resolve_scan_backend(None, torch.device('cpu')) == 'cpu_kernel'
     assert resolve_scan_backend(None, torch.device('meta')) == 'chunked'  # devices without inductor support
     monkeypatch.setattr(scan_module, '_mamba_ssm_fn', lambda: None)
     assert resolve_scan_backend(None, torch.device('cuda')) == 'compiled'  # CUDA without the [cuda] extra

@@ -10,7 +10,10 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 
 Backends:
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
-* ``compiled``: pure PyTorch, the default on CPU and on CUDA without the extra. The sequence is cut
+* ``cpu_kernel``: the default on CPU. The forward is a hand-written C++ kernel (csrc/selective_scan_cpu.cpp,
+  built on first use): one pass over the sequence per block of channels, states in vector registers. Its
+  backward is ``compiled``'s, and ``compiled`` runs where the kernel cannot be built.
+* ``compiled``: pure PyTorch, the default on CUDA without the extra. The sequence is cut
   into chunks of 8 positions; each chunk's forward and backward is a plain loop over positions that
   torch.compile (inductor) turns into generated kernels: no Python and no dispatcher per position. The
   forward unrolls the state too, so it is a single loop nest with each channel's states in registers.
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
+from .cpu_kernel import CPU_SCAN_KERNEL, cpu_scan_forward
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -232,29 +236,37 @@ def _chunk_slices(length: int, chunk_len: int):
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """The whole selective scan on time-major tensors, one chunk kernel call per chunk of positions.
+    """The whole selective scan on time-major tensors, chunk by chunk of positions.
 
     Inputs: u, delta_raw, z (L, b, d) (any strides); A (d, n); B, C (L, b, n); D, delta_bias (d,) or None.
+    Forward: the hand-written CPU kernel in one call (``cpu_kernel``), else one chunk kernel call per chunk.
     Autograd keeps only the inputs plus the state at each chunk start (state-major, (n, b, d)), not the
-    (L, b, d, n) states: backward re-computes each chunk's states from its start state.
+    (L, b, d, n) states: backward re-computes each chunk's states from its start state. ``compiled``: whether
+    the chunk kernels run compiled (else eagerly: problems too small to repay compiling).
     """
 
     @staticmethod
-    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len):
+    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len, compiled, cpu_kernel, save_starts):
         length, batch, dim = u.shape
-        states = [u.new_zeros(A.shape[1], batch, dim)]
-        outs = []
-        A_t = A.t().contiguous()
-        for sl in _chunk_slices(length, chunk_len):
-            out, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
-                                    D, delta_bias, softplus)
-            outs.append(out)
-            states.append(h)
-        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, *states[:-1])  # no copy into one tensor
-        ctx.softplus, ctx.chunk_len = softplus, chunk_len
-        last = states[-1].permute(1, 2, 0).contiguous()
+        if cpu_kernel:
+            out, starts, last = cpu_scan_forward(u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len,
+                                                 save_starts)
+            chunk_starts = starts.unbind(0)
+        else:
+            states = [u.new_zeros(A.shape[1], batch, dim)]
+            outs = []
+            A_t = A.t().contiguous()
+            for sl in _chunk_slices(length, chunk_len):
+                y, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
+                                      D, delta_bias, softplus, compiled=compiled)
+                outs.append(y)
+                states.append(h)
+            out, last, chunk_starts = torch.cat(outs), states[-1], states[:-1]
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, *chunk_starts)  # no copy into one tensor
+        ctx.softplus, ctx.chunk_len, ctx.compiled = softplus, chunk_len, compiled
+        last = last.permute(1, 2, 0).contiguous()
         ctx.mark_non_differentiable(last)
-        return torch.cat(outs), last
+        return out, last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
@@ -270,14 +282,14 @@ class _ChunkedScan(torch.autograd.Function):
             h0 = start.permute(1, 2, 0).contiguous()  # strided, it slows the whole kernel 2x
             du[sl], ddelta_raw[sl], dz_c, dB[sl], dC[sl], dA_c, dD_c, carry = _CHUNK_KERNELS(
                 'backward', h0, u[sl], delta_raw[sl], _slice(z, sl), A, B[sl], C[sl], D,
-                delta_bias, ctx.softplus, dout[sl].contiguous(), carry)
+                delta_bias, ctx.softplus, dout[sl].contiguous(), carry, compiled=ctx.compiled)
             dA += dA_c
             if dz is not None:
                 dz[sl] = dz_c
             if dD is not None:
                 dD += dD_c
         d_bias = ddelta_raw.sum((0, 1)) if delta_bias is not None else None
-        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None
+        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None, None, None, None
 
 
 def _parallel_chunk_len(length: int) -> int:
@@ -388,9 +400,9 @@ def _slice(t, sl):
 
 
 def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len,
-                  compiled: bool):
-    """Layout and precision around the two chunked scans: one compiled kernel call per chunk, or all
-    chunks at once, eagerly."""
+                  compiled: bool, cpu_kernel: bool = False):
+    """Layout and precision around the two chunked scans: chunk by chunk (`_ChunkedScan`: compiled kernels,
+    or the CPU kernel's forward), or all chunks at once, eagerly (`_ParallelChunkScan`)."""
     ct = _compute_dtype(u.dtype)
     batch, dim, length = u.shape
     state = A.shape[1]
@@ -407,8 +419,11 @@ def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_la
         else:
             args = (time_major(u), time_major(delta), A.to(ct).contiguous(), time_major(B), time_major(C),
                     vector(D), time_major(z), vector(delta_bias), delta_softplus)
-            if compiled:
-                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length))
+            if compiled or cpu_kernel:
+                needs_grad = torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length), compiled,
+                                               cpu_kernel, needs_grad)
             else:
                 chunk = min(chunk_len or _parallel_chunk_len(length), length)
                 out, last = _ParallelChunkScan.apply(*args, chunk, PARALLEL_STATE_BUDGET, return_last_state)
@@ -438,9 +453,38 @@ def selective_scan_compiled(
     Problems smaller than ``min_compile_elements`` state elements (default MIN_COMPILE_ELEMENTS), states
     larger than MAX_COMPILED_STATE, and machines where compiling fails run the eager ``chunked`` scan instead.
     """
-    threshold = MIN_COMPILE_ELEMENTS if min_compile_elements is None else min_compile_elements
-    compiled = _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold and A.shape[1] <= MAX_COMPILED_STATE
+    compiled = _compiles(u, A, min_compile_elements)
     return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, compiled)
+
+
+def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
+    """Whether the chunk kernels run compiled: inductor works here, the problem repays compiling, and the
+    state is small enough to unroll."""
+    threshold = MIN_COMPILE_ELEMENTS if min_compile_elements is None else min_compile_elements
+    return _CHUNK_KERNELS.usable and u.numel() * A.shape[1] >= threshold and A.shape[1] <= MAX_COMPILED_STATE
+
+
+def selective_scan_cpu_kernel(
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+        chunk_len: Optional[int] = None, min_compile_elements: Optional[int] = None):
+    """`selective_scan_compiled` with the forward run by a hand-written C++ kernel (csrc/selective_scan_cpu.cpp).
+
+    One pass over the sequence with the states in vector registers and inlined exp/log: 2.8x the compiled
+    forward on a 2-core EPYC (benchmarks/RESULTS.md). Backward as `compiled`, from the chunk-start states the
+    kernel saves. CPU tensors only. fp64 (gradcheck), states above MAX_COMPILED_STATE, and machines where
+    the kernel cannot be built run `selective_scan_compiled` instead.
+    """
+    if u.device.type != 'cpu':
+        raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
+                           f"use 'auto', 'compiled' or 'mamba_ssm' on this device")
+    kernel = (_compute_dtype(u.dtype) == torch.float32 and A.shape[1] <= MAX_COMPILED_STATE
+              and CPU_SCAN_KERNEL.load() is not None)
+    if not kernel:
+        return selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                       chunk_len, min_compile_elements)
+    compiled = _compiles(u, A, min_compile_elements)
+    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len,
+                         compiled, cpu_kernel=True)
 
 
 def _mamba_ssm_fn() -> Optional[Callable]:
@@ -465,6 +509,7 @@ def selective_scan_mamba_ssm(
 
 
 SCAN_BACKENDS: Dict[str, Callable] = {
+    'cpu_kernel': selective_scan_cpu_kernel,
     'compiled': selective_scan_compiled,
     'chunked': selective_scan_chunked,
     'reference': selective_scan_reference,
@@ -483,7 +528,9 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
         kind = torch.device(device).type if device is not None else 'cpu'
         if kind == 'cuda' and has_mamba_ssm():
             return 'mamba_ssm'
-        return 'compiled' if kind in ('cpu', 'cuda') else 'chunked'  # inductor's MPS/XPU support is patchy
+        if kind == 'cpu':
+            return 'cpu_kernel'
+        return 'compiled' if kind == 'cuda' else 'chunked'  # inductor's MPS/XPU support is patchy
     if name not in SCAN_BACKENDS:
         raise ValueError(
             f"unknown selective-scan backend {name!r} (from the scan_backend argument or ${BACKEND_ENV_VAR}); "
