@@ -42,6 +42,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from timm_rsmamba.malloc import MALLOC_CHOICES, MALLOC_HELP  # noqa: E402
+
 PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16_224', 'resnet50': 'resnet50'}
 RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
@@ -119,6 +121,9 @@ def _sync(device):
 
 def run_single(spec, mode, args) -> dict:
     """Time ``mode`` ('eval' or 'train') for one row; return per-image numbers and peak memory."""
+    from timm_rsmamba.malloc import configure_malloc
+    # as train.py: checkpointed training keeps glibc adaptive (memory first), everything else pinned
+    configure_malloc(args.malloc, memory_first=mode == 'train' and (spec['ckpt'] or spec.get('ckpt_train', False)))
     import torch
     import torch.nn.functional as F
 
@@ -296,6 +301,8 @@ def main(argv=None):
     parser.add_argument('--row-timeout', type=float, default=None, help='seconds before a child is killed')
     parser.add_argument('--rss-limit-gb', type=float, default=20.,
                         help='stop a child whose RSS passes this (0 = no limit; default keeps a 24 GB machine alive)')
+    parser.add_argument('--malloc', default='auto', choices=MALLOC_CHOICES,
+                        help=MALLOC_HELP + '; applied in every child as train.py applies it')
     parser.add_argument('--json-out', default=None, help='also write all results as JSON here')
     parser.add_argument('--single-row', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--mode', default=None, help=argparse.SUPPRESS)
@@ -323,7 +330,7 @@ def main(argv=None):
     print('\n'.join(header), flush=True)
     print(f'config: {args.img_size} px, batch {args.batch_size}, amp {args.amp}, {args.warmup} warm-up + '
           f'{args.steps} timed steps per row (reference, original: {_slow_row_steps(args)}), '
-          f'one child process per row and mode', flush=True)
+          f'one child process per row and mode, --malloc {args.malloc}', flush=True)
     flops = {}
     for spec in specs:
         key = (spec['model'], spec['original_blocks'])

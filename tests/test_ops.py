@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_rsmamba.ops import causal_conv1d, resolve_scan_backend, selective_scan
-from timm_rsmamba.ops.conv import causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend
+from timm_rsmamba.ops.conv import (
+    causal_conv1d_cpu_kernel, causal_conv1d_reference, causal_conv1d_torch, resolve_conv_backend)
 from timm_rsmamba.ops import conv as conv_module
 from timm_rsmamba.ops import scan as scan_module
 from timm_rsmamba.ops.compiled import CompiledKernels
@@ -89,7 +90,7 @@ def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, backward_co
     x = make_inputs(*shape, **opts)
     threshold = 0 if backward_compiled else None
     assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk, min_compile_elements=threshold)
-    assert cpu_kernel_module.CPU_SCAN_KERNEL.module is not None, cpu_kernel_module.CPU_SCAN_KERNEL.error
+    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
     _, h_new = selective_scan_cpu_kernel(**x, delta_softplus=True, return_last_state=True, chunk_len=chunk)
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
     assert h_new.shape == h_ref.shape and h_new.is_contiguous()
@@ -115,14 +116,17 @@ def test_cpu_kernel_inlined_math_over_extreme_inputs():
 
 
 def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
-    kernel = cpu_kernel_module._CpuScanKernel()
+    kernels = cpu_kernel_module._CpuKernels()
     monkeypatch.setattr(cpu_kernel_module, '_SOURCE', cpu_kernel_module._SOURCE.with_name('missing.cpp'))
-    monkeypatch.setattr(scan_module, 'CPU_SCAN_KERNEL', kernel)
+    monkeypatch.setattr(scan_module, 'CPU_KERNELS', kernels)
+    monkeypatch.setattr(conv_module, 'CPU_KERNELS', kernels)
     x = make_inputs(1, 4, 10, 4)
-    with pytest.warns(UserWarning, match=r"scan backend 'cpu_kernel': building missing.cpp failed.*'compiled'"):
+    with pytest.warns(UserWarning, match=r"backend 'cpu_kernel': building missing.cpp failed.*torch.compile'd"):
         y = selective_scan_cpu_kernel(**x, delta_softplus=True)
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
-    assert kernel.error and kernel.module is None  # it does not try again
+    assert kernels.error and kernels.module is None  # it does not try again
+    xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
+    torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'), causal_conv1d_reference(xc, w, None, 'silu'))
 
 
 def test_cpu_kernel_refuses_other_devices():
@@ -298,6 +302,9 @@ def test_backend_switch_env_and_errors(monkeypatch):
         resolve_scan_backend(None)
     with pytest.raises(ValueError, match='unknown causal-conv1d backend'):
         resolve_conv_backend('nope')
+    monkeypatch.delenv('RSMAMBA_CONV_BACKEND', raising=False)
+    assert resolve_conv_backend(None, torch.device('cpu')) == 'cpu_kernel'
+    assert resolve_conv_backend(None, torch.device('meta')) == 'torch'
 
 
 def test_env_var_reaches_the_computation(monkeypatch):
@@ -326,6 +333,31 @@ def test_causal_conv_gradients_match_reference(activation, L):
     grads_ref = torch.autograd.grad(ref.sum(), (x, w, b))
     for g, gr in zip(grads, grads_ref):
         torch.testing.assert_close(g, gr)
+
+
+@pytest.mark.parametrize('activation', [None, 'silu'])
+@pytest.mark.parametrize('L,dim', [(1, 6), (2, 20), (37, 20), (300, 40)])
+def test_cpu_kernel_causal_conv_matches_reference(activation, L, dim):
+    """The C++ conv forward on time-major views (a full and a partial vector block; fewer positions than taps);
+    gradients through the shared backward."""
+    x = torch.randn(L, 3, 2 * dim)[:, :, :dim].permute(1, 2, 0).requires_grad_()  # the mixer's strides
+    w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
+    out = causal_conv1d(x, w, b, activation, backend='cpu_kernel')
+    ref = causal_conv1d_reference(x, w, b, activation)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
+    weight = torch.randn_like(ref)
+    for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
+                        torch.autograd.grad((ref * weight).sum(), (x, w, b))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_conv_refuses_other_devices_and_runs_other_dtypes_in_torch():
+    with pytest.raises(RuntimeError, match="conv backend 'cpu_kernel' runs on CPU tensors only, got meta"):
+        causal_conv1d(torch.randn(1, 2, 5, device='meta'), torch.randn(2, 4, device='meta'), backend='cpu_kernel')
+    x, w = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(causal_conv1d(x, w, None, 'silu', backend='cpu_kernel'),
+                               causal_conv1d_reference(x, w, None, 'silu'))
 
 
 @pytest.mark.parametrize('activation', [None, 'silu'])

@@ -25,6 +25,7 @@ from timm.utils import ParseKwargs
 from .data import (DataError, check_num_classes, create_rs_dataset, image_mode_for_channels, label_mapping,
                    load_image)
 from .hub import create_model
+from .malloc import MALLOC_CHOICES, MALLOC_HELP, configure_malloc
 from .metrics import (drop_sampler_padding, format_per_class_table, gather_across_ranks, metrics_from_logits,
                       save_confusion_matrix_png)
 
@@ -65,6 +66,7 @@ def add_eval_input_args(parser, workers: int) -> None:
     parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
     parser.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
+    parser.add_argument('--malloc', default='auto', choices=MALLOC_CHOICES, help=MALLOC_HELP)
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -234,6 +236,7 @@ def run_validation(args) -> OrderedDict:
     Under torchrun each rank evaluates its share; predictions are gathered and the sampler's padding
     duplicates dropped, so the metrics equal a single-process run's exactly.
     """
+    configure_malloc(args.malloc)
     device = resolve_device(args)
     em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
                           args.img_size, args.in_chans, args.use_ema)
@@ -401,6 +404,7 @@ def run_inference(args):
     """Predict every input image; returns a pandas DataFrame with one row per image (timm inference layout)."""
     import numpy as np
     import pandas as pd
+    configure_malloc(args.malloc)
     device = resolve_device(args)
     em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
                           args.img_size, args.in_chans)

@@ -226,9 +226,10 @@ class RSMamba(nn.Module):
             drop_rate: dropout after the position embedding (the original's only dropout).
             global_pool: 'avg' (patch-token mean then LayerNorm) or 'token' (class token(s));
                 default 'token' with class tokens, else 'avg'.
-            scan_backend / conv_backend: force an ops backend (scan: 'compiled', 'chunked', 'reference',
-                'mamba_ssm'; conv: 'torch', 'causal_conv1d'); default picks the fused kernels on CUDA when
-                installed, else 'compiled'. Env: RSMAMBA_SCAN_BACKEND, RSMAMBA_CONV_BACKEND.
+            scan_backend / conv_backend: force an ops backend (scan: 'cpu_kernel', 'compiled', 'chunked',
+                'reference', 'mamba_ssm'; conv: 'torch', 'causal_conv1d'); default picks the fused kernels on
+                CUDA when installed, 'cpu_kernel' on CPU, else 'compiled' on CUDA and 'chunked' elsewhere.
+                Env: RSMAMBA_SCAN_BACKEND, RSMAMBA_CONV_BACKEND.
         """
         super().__init__()
         if path_type not in PATH_TYPES:

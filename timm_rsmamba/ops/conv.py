@@ -1,8 +1,9 @@
 """Causal depthwise conv1d over (batch, dim, length), the Mamba mixer's short convolution.
 
-Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``torch`` (shifted
-multiply-adds that keep the input's memory layout, every device; fused by torch.compile for big problems
-on CPU and CUDA, eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for tests).
+Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``cpu_kernel`` (the CPU default:
+the forward in C++, csrc/mamba_cpu.cpp, the backward as ``torch``'s), ``torch`` (shifted multiply-adds
+that keep the input's memory layout, every device; fused by torch.compile for big problems on CPU and CUDA,
+eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for tests).
 """
 import os
 from typing import Optional
@@ -11,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
+from .cpu_kernel import CPU_KERNELS, cpu_conv_forward
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
-CONV_BACKENDS = ('causal_conv1d', 'torch', 'reference')
+CONV_BACKENDS = ('causal_conv1d', 'cpu_kernel', 'torch', 'reference')
 
 
 def _activate(x, activation):
@@ -79,13 +81,15 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
     """Causal depthwise conv (+ optional SiLU) on (L, b, d) tensors of any strides.
 
     Saves only its input and re-computes the pre-activation in backward, so training keeps one
-    activation per conv instead of three.
+    activation per conv instead of three. ``cpu_kernel``: the forward runs in C++.
     """
 
     @staticmethod
-    def forward(ctx, x_tm, weight, bias, silu, compiled):
+    def forward(ctx, x_tm, weight, bias, silu, compiled, cpu_kernel):
         ctx.save_for_backward(x_tm, weight, bias)
         ctx.silu, ctx.compiled = silu, compiled
+        if cpu_kernel:
+            return cpu_conv_forward(x_tm, weight, bias, silu)
         return _CONV_KERNELS('forward', x_tm, weight, bias, silu, compiled=compiled)
 
     @staticmethod
@@ -93,18 +97,35 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
         x_tm, weight, bias = ctx.saved_tensors
         dx, dweight, dbias = _CONV_KERNELS(
             'backward', x_tm, weight, bias, ctx.silu, dout.contiguous(), compiled=ctx.compiled)
-        return dx, dweight, dbias, None, None
+        return dx, dweight, dbias, None, None, None
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None):
-    """Pure PyTorch, every device; (batch, dim, length) views of time-major tensors cost no copy."""
+def causal_conv1d_torch(x, weight, bias=None, activation=None, cpu_kernel: bool = False):
+    """Pure PyTorch, every device; (batch, dim, length) views of time-major tensors cost no copy.
+
+    ``cpu_kernel``: run the forward in C++ (`causal_conv1d_cpu_kernel` decides when it can).
+    """
     silu = activation in ('silu', 'swish')
     if not silu:
         _activate(x, activation)  # validates the name
     x_tm = x.permute(2, 0, 1)
     compiled = x.device.type in ('cpu', 'cuda') and x.numel() >= MIN_COMPILE_ELEMENTS
-    out = _CausalConv1dTimeMajor.apply(x_tm, weight, bias, silu, compiled)
+    out = _CausalConv1dTimeMajor.apply(x_tm, weight, bias, silu, compiled, cpu_kernel)
     return out.permute(1, 2, 0)
+
+
+def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
+    """`causal_conv1d_torch` with the forward in C++ (csrc/mamba_cpu.cpp): one pass, the SiLU's exp inlined.
+
+    CPU tensors; fp32 (other dtypes, and with a warning machines where the kernel cannot be built, run
+    `causal_conv1d_torch`'s forward).
+    """
+    if x.device.type != 'cpu':
+        raise RuntimeError(f"conv backend 'cpu_kernel' runs on CPU tensors only, got {x.device.type}; "
+                           f"use 'auto', 'torch' or 'causal_conv1d' on this device")
+    fp32 = all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
+    usable = fp32 and CPU_KERNELS.load() is not None
+    return causal_conv1d_torch(x, weight, bias, activation, cpu_kernel=usable)
 
 
 def _fused_fn():
@@ -122,8 +143,10 @@ def has_causal_conv1d() -> bool:
 def resolve_conv_backend(name: Optional[str], device=None) -> str:
     name = name or os.environ.get(BACKEND_ENV_VAR) or 'auto'
     if name == 'auto':
-        on_cuda = device is not None and torch.device(device).type == 'cuda'
-        return 'causal_conv1d' if on_cuda and has_causal_conv1d() else 'torch'
+        kind = torch.device(device).type if device is not None else 'cpu'
+        if kind == 'cpu':
+            return 'cpu_kernel'
+        return 'causal_conv1d' if kind == 'cuda' and has_causal_conv1d() else 'torch'
     if name not in CONV_BACKENDS:
         raise ValueError(
             f"unknown causal-conv1d backend {name!r} (from the conv_backend argument or ${BACKEND_ENV_VAR}); "
@@ -141,4 +164,6 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] 
         return fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
     if name == 'reference':
         return causal_conv1d_reference(x, weight, bias, activation)
+    if name == 'cpu_kernel':
+        return causal_conv1d_cpu_kernel(x, weight, bias, activation)
     return causal_conv1d_torch(x, weight, bias, activation)

@@ -10,7 +10,7 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 
 Backends:
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
-* ``cpu_kernel``: the default on CPU. The forward is a hand-written C++ kernel (csrc/selective_scan_cpu.cpp,
+* ``cpu_kernel``: the default on CPU. The forward is a hand-written C++ kernel (csrc/mamba_cpu.cpp,
   built on first use): one pass over the sequence per block of channels, states in vector registers. Its
   backward is ``compiled``'s, and ``compiled`` runs where the kernel cannot be built.
 * ``compiled``: pure PyTorch, the default on CUDA without the extra. The sequence is cut
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
-from .cpu_kernel import CPU_SCAN_KERNEL, cpu_scan_forward
+from .cpu_kernel import CPU_KERNELS, cpu_scan_forward
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -467,9 +467,9 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         chunk_len: Optional[int] = None, min_compile_elements: Optional[int] = None):
-    """`selective_scan_compiled` with the forward run by a hand-written C++ kernel (csrc/selective_scan_cpu.cpp).
+    """`selective_scan_compiled` with the forward run by a hand-written C++ kernel (csrc/mamba_cpu.cpp).
 
-    One pass over the sequence with the states in vector registers and inlined exp/log: 2.8x the compiled
+    One pass over the sequence with the states in vector registers and inlined exp/log: 2.7x the compiled
     forward on a 2-core EPYC (benchmarks/RESULTS.md). Backward as `compiled`, from the chunk-start states the
     kernel saves. CPU tensors only. fp64 (gradcheck), states above MAX_COMPILED_STATE, and machines where
     the kernel cannot be built run `selective_scan_compiled` instead.
@@ -478,7 +478,7 @@ def selective_scan_cpu_kernel(
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
                            f"use 'auto', 'compiled' or 'mamba_ssm' on this device")
     kernel = (_compute_dtype(u.dtype) == torch.float32 and A.shape[1] <= MAX_COMPILED_STATE
-              and CPU_SCAN_KERNEL.load() is not None)
+              and CPU_KERNELS.load() is not None)
     if not kernel:
         return selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                        chunk_len, min_compile_elements)

@@ -9,6 +9,8 @@ from typing import List, Optional, Tuple
 import yaml
 from timm import utils
 
+from ..malloc import MALLOC_CHOICES, MALLOC_HELP
+
 __all__ = ['build_parser', 'parse_args', 'ConfigError']
 
 EVAL_METRICS = ('top1', 'top5', 'loss', 'f1', 'precision', 'recall')
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='number of steps to accumulate gradients over (default: 1)')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
                        help='enable gradient checkpointing through the model blocks')
+    group.add_argument('--malloc', default='auto', choices=MALLOC_CHOICES, help=MALLOC_HELP)
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,

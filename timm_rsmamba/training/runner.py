@@ -33,6 +33,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler
 
 from ..hub import HeadMismatchError, HubUnavailableError, UnknownModelError, create_model
+from ..malloc import configure_malloc
 from .args import ConfigError
 from .checkpoint import (AtomicCheckpointSaver, find_resume_checkpoint, load_initial_checkpoint,
                          restore_training_state)
@@ -296,6 +297,9 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
     """Run training as configured; returns a summary dict (output folder, best metric, last metrics)."""
     device = setup_device(args)
     primary = utils.is_primary(args)
+    malloc = configure_malloc(args.malloc, memory_first=args.grad_checkpointing)
+    if primary:
+        _logger.info(f'malloc thresholds: {malloc} (--malloc {args.malloc})')
 
     dataset_train, dataset_eval = build_datasets(args)
     from timm_rsmamba.data import check_num_classes

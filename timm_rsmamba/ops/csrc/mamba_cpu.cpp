@@ -1,11 +1,13 @@
-// Selective scan (Mamba S6) forward for CPUs, the math of selective_scan_reference in ../scan.py.
+// The Mamba mixer's two sequence kernels for CPUs: the selective scan (S6) forward, the math of
+// selective_scan_reference in ../scan.py, and the causal depthwise conv (+ SiLU) forward of ../conv.py.
 //
-// One pass over the whole sequence per (sequence, block of channels): the block's states stay in vector
-// registers from the first position to the last, and exp, log1p and the sigmoid are inlined polynomials.
-// (The torch.compile'd chunk kernel stores and re-loads every state at each chunk edge and calls an
-// out-of-line vector exp, around which the compiler spills the states.)
+// The scan makes one pass over the whole sequence per (sequence, block of channels): the block's states stay
+// in vector registers from the first position to the last, and exp, log1p and the sigmoid are inlined
+// polynomials. (The torch.compile'd chunk kernel stores and re-loads every state at each chunk edge and
+// calls an out-of-line vector exp, around which the compiler spills the states.) The conv is the same walk
+// with a few taps; its SiLU, an out-of-line exp in the compiled conv too, was most of that kernel's time.
 //
-// Layouts: u, delta, z (L, batch, dim) and B, C (L, batch, state), each with a unit last stride;
+// Scan layouts: u, delta, z (L, batch, dim) and B, C (L, batch, state), each with a unit last stride;
 // A_t (state, dim), D and delta_bias (dim,) contiguous. Outputs: out (L, batch, dim); the state at the
 // start of every chunk of chunk_len positions, (chunks, state, batch, dim), which the autograd backward
 // re-computes its chunks from; the last state (state, batch, dim).
@@ -15,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -147,20 +150,38 @@ void scan_block(const ScanArgs& a, int64_t b, int64_t d0, int lanes) {
   for (int s = 0; s < n; ++s) store<kFull>(a.last + s * plane + b * a.dim + d0, h[s], lanes);
 }
 
-template <int N, bool kMayOverflow>
-void scan_all(const ScanArgs& a) {
-  const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
-  at::parallel_for(0, a.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+// Runs block(b, d0, lanes) over every (sequence, block of kLanes channels) on the intra-op threads.
+template <typename Block>
+void for_each_channel_block(int64_t batch, int64_t dim, const Block& block) {
+  const int64_t blocks = (dim + kLanes - 1) / kLanes;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blocks, d0 = (i % blocks) * kLanes;
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, a.dim - d0));
-      if (lanes == kLanes) {
-        scan_block<N, true, kMayOverflow>(a, b, d0, lanes);
-      } else {
-        scan_block<N, false, kMayOverflow>(a, b, d0, lanes);
-      }
+      block(b, d0, static_cast<int>(std::min<int64_t>(kLanes, dim - d0)));
     }
   });
+}
+
+template <int N, bool kMayOverflow>
+void scan_all(const ScanArgs& a) {
+  for_each_channel_block(a.batch, a.dim, [&](int64_t b, int64_t d0, int lanes) {
+    if (lanes == kLanes) {
+      scan_block<N, true, kMayOverflow>(a, b, d0, lanes);
+    } else {
+      scan_block<N, false, kMayOverflow>(a, b, d0, lanes);
+    }
+  });
+}
+
+// out[t] = bias + sum_k weight[:, k] x[t - (K-1) + k], then SiLU if asked, for the channels d0 .. d0 + lanes
+// of one (position, sequence). x (L, batch, dim) with a unit last stride; weight_t (K, dim) contiguous.
+template <bool kFull>
+inline vfloat conv_at(const float* x, int64_t x_t, const float* weight_t, int64_t taps, int64_t dim,
+                      vfloat acc, bool silu, int64_t t, int64_t d0, int lanes) {
+  for (int64_t k = std::max<int64_t>(0, taps - 1 - t); k < taps; ++k) {
+    acc = acc + load<kFull>(weight_t + k * dim + d0, lanes) * load<kFull>(x + (t - (taps - 1) + k) * x_t + d0, lanes);
+  }
+  return silu ? vsilu(acc) : acc;
 }
 
 template <bool kMayOverflow>
@@ -177,24 +198,24 @@ const float* data_or_null(const c10::optional<at::Tensor>& t) {
 }
 
 void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "selective_scan_cpu: ", name,
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "mamba_cpu: ", name,
               " must be a float32 CPU tensor");
-  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "selective_scan_cpu: ", name,
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "mamba_cpu: ", name,
               " must be (length, batch, channels) with unit channel stride");
 }
 
 }  // namespace
 
-std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A_t,
-                                const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
-                                const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                bool softplus, int64_t chunk_len, bool save_starts) {
+std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A_t,
+                                     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                     const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                     bool softplus, int64_t chunk_len, bool save_starts) {
   for (auto [t, name] : {std::pair{&u, "u"}, {&delta, "delta"}, {&B, "B"}, {&C, "C"}}) check_input(*t, name);
   if (z.has_value()) check_input(*z, "z");
   const int64_t length = u.size(0), batch = u.size(1), dim = u.size(2), n = A_t.size(0);
-  TORCH_CHECK(A_t.is_contiguous() && A_t.size(1) == dim, "selective_scan_cpu: A_t must be contiguous (state, dim)");
-  TORCH_CHECK(n >= 1 && n <= kMaxState, "selective_scan_cpu: state size must be 1..", kMaxState, ", got ", n);
-  TORCH_CHECK(chunk_len >= 1, "selective_scan_cpu: chunk_len must be positive");
+  TORCH_CHECK(A_t.is_contiguous() && A_t.size(1) == dim, "mamba_cpu: A_t must be contiguous (state, dim)");
+  TORCH_CHECK(n >= 1 && n <= kMaxState, "mamba_cpu: state size must be 1..", kMaxState, ", got ", n);
+  TORCH_CHECK(chunk_len >= 1, "mamba_cpu: chunk_len must be positive");
   auto opts = u.options();
   at::Tensor out = at::empty({length, batch, dim}, opts);
   at::Tensor last = at::empty({n, batch, dim}, opts);
@@ -221,6 +242,38 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta, co
   return {out, starts, last};
 }
 
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
+                        bool silu) {
+  check_input(x, "x");
+  const int64_t length = x.size(0), batch = x.size(1), dim = x.size(2), taps = weight_t.size(0);
+  TORCH_CHECK(weight_t.is_contiguous() && weight_t.size(1) == dim, "mamba_cpu: weight_t must be contiguous (taps, dim)");
+  at::Tensor out = at::empty({length, batch, dim}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight_t.data_ptr<float>(), *bp = data_or_null(bias);
+  float* op = out.data_ptr<float>();
+  const int64_t x_t = x.stride(0), x_b = x.stride(1), full = dim / kLanes * kLanes;
+  pybind11::gil_scoped_release no_gil;
+  // no recurrence here: threads take ranges of positions and stream through memory in order
+  at::parallel_for(0, length, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* xb = xp + b * x_b;
+        float* ob = op + (t * batch + b) * dim;
+        for (int64_t d0 = 0; d0 < full; d0 += kLanes) {
+          const vfloat acc = bp ? load<true>(bp + d0, kLanes) : vfloat{};
+          store<true>(ob + d0, conv_at<true>(xb, x_t, wp, taps, dim, acc, silu, t, d0, kLanes), kLanes);
+        }
+        if (full < dim) {
+          const int lanes = static_cast<int>(dim - full);
+          const vfloat acc = bp ? load<false>(bp + full, lanes) : vfloat{};
+          store<false>(ob + full, conv_at<false>(xb, x_t, wp, taps, dim, acc, silu, t, full, lanes), lanes);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Selective scan forward, time-major, fp32 (see the file's header)");
+  m.def("scan_forward", &scan_forward, "Selective scan forward, time-major, fp32 (see the file's header)");
+  m.def("conv_forward", &conv_forward, "Causal depthwise conv1d (+ SiLU) forward, time-major, fp32");
 }
