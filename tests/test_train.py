@@ -5,6 +5,8 @@ metric a checkpoint was ranked by is recomputed from its weights with timm's eva
 """
 import csv
 import logging
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import timm_rsmamba  # noqa: F401
 from timm.data import create_transform
 
 from timm_rsmamba.data import DataError
+from timm_rsmamba.malloc import LEAN_TUNABLES
 from timm_rsmamba.training import CheckpointError, ConfigError, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +190,22 @@ def test_readme_main_job_runs_on_the_shipped_sample(tmp_path):
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'training_curves.png'):
         assert (out / name).is_file(), name
     assert len(_state(out / 'last.pth.tar')['label_names']) == 21
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='--malloc lean needs glibc')
+def test_grad_checkpointing_restarts_once_with_lean_malloc(tmp_path):
+    """--malloc auto with --grad-checkpointing: train.py re-runs itself with GLIBC_TUNABLES, exactly once."""
+    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_PY), 'sample_data/ucmerced', '-c', 'configs/quickstart.yaml', '--epochs', '1',
+         '--warmup-epochs', '0', '--grad-checkpointing', '--output', str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert log.count('restarting with GLIBC_TUNABLES=' + LEAN_TUNABLES) == 1
+    assert 'malloc thresholds: lean (--malloc auto)' in log
+    assert (tmp_path / 'quickstart' / 'last.pth.tar').is_file()
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
