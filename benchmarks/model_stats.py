@@ -127,8 +127,9 @@ def is_rsmamba(name: str) -> bool:
 def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> dict:
     """GFLOPs of one image through ``model`` (eval mode, CPU): dense, scan, conv and total.
 
-    An RSMamba model must have been built with scan_backend='identity' and conv_backend='torch'
-    so that FlopCounterMode sees only the dense ops and the scan/conv are counted analytically.
+    An RSMamba model must have been built with scan_backend='identity' and conv_backend='cpu_kernel' (a C++
+    call FlopCounterMode does not see, with nothing to torch.compile under the counter), so that it counts only
+    the dense ops and the scan/conv are counted analytically.
     """
     model = model.eval()
     x = torch.zeros(1, in_chans, img_size, img_size)
@@ -153,7 +154,7 @@ def flop_model(name: str, img_size: int, num_classes: int = 21, original_blocks:
     the published code's per-order projections (`use_original_blocks`)."""
     if is_rsmamba(name):
         register_benchmark_scans()
-        kwargs.update(scan_backend='identity', conv_backend='torch')
+        kwargs.update(scan_backend='identity', conv_backend='cpu_kernel')
     if is_rsmamba(name) or name.startswith(('deit', 'vit')):
         kwargs['img_size'] = img_size
     model = timm.create_model(name, num_classes=num_classes, **kwargs)
