@@ -63,8 +63,9 @@ inline vfloat pow2_times(vfloat t, vfloat f) {
   return t < kShift - 125.5f ? vfloat{} : r;
 }
 
-// 2^(a b) for a b <= 126 (the decays, whose a b is never positive when A <= 0 and delta >= 0); with
-// -ffp-contract=fast both uses of a b fuse into FMAs, so the fraction is exact.
+// 2^(a b). Without kMayOverflow the caller guarantees a b <= 127 (the decays: a b <= 0 when A <= 0 and
+// delta >= 0); with it, larger a b give +inf. With -ffp-contract=fast both uses of a b fuse into FMAs, so
+// the fraction is exact.
 template <bool kMayOverflow>
 inline vfloat pow2_of_product(vfloat a, vfloat b) {
   const vfloat t = a * b + kShift;
@@ -111,7 +112,7 @@ struct ScanArgs {
 };
 
 // One sequence b, channels d0 .. d0 + lanes, all positions. N: the state size, or 0 to read it at run time
-// (sizes other than 16, the one every RSMamba variant uses: the loops then keep fewer states in registers).
+// (sizes other than 16, the one every RSMamba variant uses: slower, the loops index the states at run time).
 template <int N, bool kFull, bool kMayOverflow>
 void scan_block(const ScanArgs& a, int64_t b, int64_t d0, int lanes) {
   const int n = N ? N : static_cast<int>(a.n_state);
