@@ -42,7 +42,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from timm_rsmamba.malloc import LEAN_TUNABLES, MALLOC_CHOICES, MALLOC_HELP, resolve_malloc  # noqa: E402
+from timm_rsmamba.malloc import (  # noqa: E402
+    LEAN_TUNABLES, MALLOC_CHOICES, MALLOC_HELP, configure_malloc, resolve_malloc)
 
 PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16_224', 'resnet50': 'resnet50'}
 RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor')
@@ -70,7 +71,6 @@ def row_spec(row: str, model: str, args) -> dict:
         if resolve_malloc(args.malloc, memory_first=True) == 'lean':  # as train.py restarts itself
             spec['train_env'] = {'GLIBC_TUNABLES': LEAN_TUNABLES}
             spec['note'] = f'train with GLIBC_TUNABLES={LEAN_TUNABLES} (--malloc {args.malloc})'
-
     elif row in ('compiled', 'chunked'):
         spec['kwargs'] = dict(scan_backend=row, conv_backend='torch')
     elif row == 'original':
@@ -125,7 +125,6 @@ def _sync(device):
 
 def run_single(spec, mode, args) -> dict:
     """Time ``mode`` ('eval' or 'train') for one row; return per-image numbers and peak memory."""
-    from timm_rsmamba.malloc import configure_malloc
     # as train.py: lean for checkpointed training (memory first; set through the child's environment), else pinned
     configure_malloc(args.malloc, memory_first=mode == 'train' and (spec['ckpt'] or spec.get('ckpt_train', False)))
     import torch

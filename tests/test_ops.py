@@ -126,7 +126,8 @@ def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
     assert kernels.error and kernels.module is None  # it does not try again
     xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
-    torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'), causal_conv1d_reference(xc, w, None, 'silu'))
+    torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'),
+                               causal_conv1d_reference(xc, w, None, 'silu'))
 
 
 def test_cpu_kernel_refuses_other_devices():

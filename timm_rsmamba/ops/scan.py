@@ -502,7 +502,8 @@ def selective_scan_mamba_ssm(
     if fn is None:
         raise RuntimeError("scan backend 'mamba_ssm' needs the optional extra: pip install 'timm-rsmamba[cuda]'")
     if not u.is_cuda:
-        raise RuntimeError("scan backend 'mamba_ssm' runs on CUDA tensors only; use 'compiled' or 'chunked' on this device")
+        raise RuntimeError("scan backend 'mamba_ssm' runs on CUDA tensors only; "
+                           "use 'auto', 'cpu_kernel' or 'compiled' on this device")
     return fn(u, delta, A.float(), B, C, D=None if D is None else D.float(), z=z,
               delta_bias=None if delta_bias is None else delta_bias.float(),
               delta_softplus=delta_softplus, return_last_state=return_last_state)

@@ -247,7 +247,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight_t, const c
                         bool silu) {
   check_input(x, "x");
   const int64_t length = x.size(0), batch = x.size(1), dim = x.size(2), taps = weight_t.size(0);
-  TORCH_CHECK(weight_t.is_contiguous() && weight_t.size(1) == dim, "mamba_cpu: weight_t must be contiguous (taps, dim)");
+  TORCH_CHECK(weight_t.is_contiguous() && weight_t.size(1) == dim,
+              "mamba_cpu: weight_t must be contiguous (taps, dim)");
   at::Tensor out = at::empty({length, batch, dim}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = weight_t.data_ptr<float>(), *bp = data_or_null(bias);
   float* op = out.data_ptr<float>();
