@@ -232,7 +232,10 @@ def load_initial_checkpoint(model, path: str, filter_fn=None):
     except Exception as e:
         raise CheckpointError(f'--initial-checkpoint {path!r} could not be read ({type(e).__name__}: {e})') from e
     if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except (ValueError, KeyError) as e:  # the filter's messages name what does not fit
+            raise CheckpointError(f'--initial-checkpoint {path!r}: {e}') from e
     state_dict = adapt_input_conv_weights(state_dict, model, f'--initial-checkpoint {path}')
     _check_head(state_dict, model, path, '--initial-checkpoint')
     try:
