@@ -360,6 +360,11 @@ def _export_parts(
         model_kwargs = getattr(model, '_model_args', {})
     model_args = export_model_args(architecture, model_kwargs)
     overrides = {k: v for k, v in (pretrained_cfg or {}).items() if k in _DATA_KEYS and v is not None}
+    built = _built_input_size(model)
+    if not (pretrained_cfg or {}).get('input_size') and built is not None:
+        # RSMamba takes any size (dynamic_img_size), so timm would export the default cfg's 224 px; the size it
+        # was built for (its position embedding's native grid) is the one to recommend
+        overrides['input_size'] = built
     for key in ('mean', 'std'):
         if key in overrides:
             overrides[key] = [float(v) for v in overrides[key]]
@@ -385,6 +390,13 @@ def _export_parts(
         model, card_cfg, name, label_names, dataset, split, metrics, metrics_source, recipe,
         load_name or (f'hf-hub:{repo_id}' if repo_id else None), source, bands)
     return model_config, card, model_args
+
+
+def _built_input_size(model):
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is None or not hasattr(model, 'in_chans'):
+        return None
+    return [int(model.in_chans), *[int(s) for s in img_size]]
 
 
 def save_pretrained_folder(
