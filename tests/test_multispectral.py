@@ -164,6 +164,23 @@ def test_train_transform_flips_and_rotations_are_exact():
     assert out.shape == (4, 32, 32) and out.dtype == torch.float32
 
 
+def test_rot90_joins_timms_rgb_transform():
+    from PIL import Image
+    from timm.data import create_transform
+    from timm_rsmamba.data.transforms import RandomRotate90, insert_rotate90
+    tf = insert_rotate90(create_transform(16, is_training=True, vflip=0.5), 1.)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names.index('RandomRotate90') == names.index('RandomVerticalFlip') + 1  # after the crop and flips
+    img = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    turned = {np.asarray(RandomRotate90(1.)(img)).tobytes() for _ in range(40)}
+    assert turned == {np.rot90(np.asarray(img), k).tobytes() for k in (1, 2, 3)}
+
+
+def test_hf_datasets_are_refused_for_multiband():
+    with pytest.raises(DataError, match='image folders'):
+        create_rs_dataset('hfds/someone/eurosat', None, 'train', multiband=True)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope='module')
@@ -196,7 +213,7 @@ def _reference_logits(ckpt_path, files, indices=None):
         return model(torch.stack(xs))
 
 
-def test_train_13_band_records_bands_and_validates(trained13, tmp_path):
+def test_train_13_band_records_bands_and_validates(trained13, tmp_path, caplog):
     root, out = trained13
     ckpt = _ckpt(out / 'model_best.pth.tar')
     assert ckpt['bands']['file_bands'] == 13 and ckpt['bands']['count'] == 13
@@ -232,6 +249,11 @@ def test_train_13_band_records_bands_and_validates(trained13, tmp_path):
     assert config['bands']['reflectance_scale'] == 10000 and config['pretrained_cfg']['input_size'] == [13, 64, 64]
     res2 = validate.main([str(root), '--split', 'val', '--model', f'local-dir:{folder}', '-j', '0', '--device', 'cpu'])
     assert res2['top1'] == res['top1']
+
+    other, _ = write_folder(tmp_path / 'reflectance', dtype='float32', n_train=1, n_val=1)  # not what it learnt on
+    with pytest.raises(SystemExit) as e:
+        validate.main([str(other), '--split', 'val', '--checkpoint', str(out / 'model_best.pth.tar'), '-j', '0'])
+    assert e.value.code == 2 and 'trained on uint16' in caplog.text and '--reflectance-scale' in caplog.text
 
 
 def test_band_selection_4_float32_bands(tmp_path):
