@@ -327,7 +327,8 @@ def run_validation(args) -> OrderedDict:
     dataset = create_rs_dataset(
         args.dataset, root, args.split, is_training=False, class_map=args.class_map, input_key=args.input_key,
         target_key=args.target_key, skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
-        multiband=multiband, input_img_mode=None if multiband else image_mode_for_channels(data_config['input_size'][0]))
+        multiband=multiband,
+        input_img_mode=None if multiband else image_mode_for_channels(data_config['input_size'][0]))
     if multiband:
         dataset.bands = eval_bands(args, em, dataset.file_bands, dataset.dtype, dataset.example_file())
         if utils.is_primary(args):
@@ -580,7 +581,8 @@ def show_predictions(found, probs: torch.Tensor, names: Optional[Sequence[str]],
         labels = [names[j] if names else str(j) for j in indices[i].tolist()]
         written.append(save_annotated(image, prediction_lines(labels, values[i].tolist()), target, fmt))
         if (i + 1) % 100 == 0:
-            _logger.info(f'--show-dir: {i + 1}/{len(found)} images  ETA {(len(found) - i - 1) * (time.time() - start) / (i + 1):.0f}s')
+            eta = (len(found) - i - 1) * (time.time() - start) / (i + 1)
+            _logger.info(f'--show-dir: {i + 1}/{len(found)} images  ETA {eta:.0f}s')
     _logger.info(f'--show-dir: {len(written)} annotated image(s) written to {out_dir}')
     return written
 
