@@ -277,21 +277,22 @@ def _cli(*argv):
 
 def test_colour_ops_and_bad_flags_stop_with_a_message(ms13, tmp_path):
     root, _ = ms13
-    base = [ROOT / 'train.py', root, *TINY, '--img-size', '64', '--in-chans', '13', '-j', '0', '--epochs', '1',
-            '--output', tmp_path]
     mean = ['--mean', *(['0.1'] * 13), '--std', *(['0.1'] * 13)]
+    proc = _cli(ROOT / 'train.py', root, *TINY, '--img-size', '64', '--in-chans', '13', '-j', '0', '--epochs', '1',
+                '--output', tmp_path, '--aa', 'original', *mean)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-1500:]
+    assert '--aa original' in proc.stderr and '13-band' in proc.stderr  # names the flag and the band count
+    base = _train_args(root, tmp_path, 'x', '--img-size', '64', '--in-chans', '13', '--epochs', '1')
     cases = [
-        (['--aa', 'original', *mean], ['--aa', '13-band']),
-        (['--color-jitter', '0.4', *mean], ['--color-jitter', '13-band']),
-        (['--mean', '0.1', '0.2', '0.3', '--std', '0.1'], ['--mean', '13 values']),
-        (['--bands', '2,3,14', *mean], ['--bands 14', '1..13']),
+        (['--color-jitter', '0.4', *mean], DataError, r'--color-jitter 0\.4: .*13-band'),
+        (['--grayscale-prob', '0.2', *mean], DataError, r'--grayscale-prob 0\.2: .*13-band'),
+        (['--mean', '0.1', '0.2', '0.3', '--std', '0.1'], ConfigError, r'--mean needs 13 values .* got 3'),
+        (['--bands', '2,3,14', '--mean', '0.1', '--std', '0.1'], DataError, r'--bands 14: .*1\.\.13'),
+        (['--bands', 'B02,B03', '--mean', '0.1', '--std', '0.1'], DataError, r'--bands B02: band names need --sensor'),
     ]
-    for extra, needles in cases:
-        proc = _cli(*base, *extra)
-        assert proc.returncode == 2, (extra, proc.stderr[-1500:])
-        for needle in needles:
-            assert needle in proc.stderr, (needle, proc.stderr[-1500:])
-        assert 'Traceback' not in proc.stderr
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            _run(base + extra)
 
 
 # ---------------------------------------------------------------------------------------------- RGB weights

@@ -226,8 +226,9 @@ def run_data_config(args, model) -> Dict[str, Any]:
 
     Multi-band runs need --mean/--std of the band count (or one value): RGB statistics cannot describe them.
     """
+    from timm_rsmamba.data import wants_multiband
     in_chans = _in_chans(args)
-    if in_chans not in (1, 3) or args.bands or args.reflectance_scale:
+    if wants_multiband(in_chans, args.bands, args.reflectance_scale):
         for flag in ('mean', 'std'):
             values = getattr(args, flag)
             if values is None or len(values) not in (1, in_chans):
