@@ -431,3 +431,23 @@ def test_annotate_small_chip_keeps_pixels_and_writes_text(tmp_path):
     assert (strip != strip[0, 0]).any(axis=-1).sum() > 100  # text drawn on the strip
     big = Image.new('RGB', (400, 300), (10, 200, 30))
     assert annotate(big, ['1. x  50.0%']).width == 400  # full resolution, never shrunk
+
+
+# ---------------------------------------------------------------------------------------------- stats tool
+
+def test_stats_per_band_against_numpy(tmp_path):
+    root, arrays = write_folder(tmp_path / 's', bands=13, n_train=2, n_val=1, size=16)
+    train = [a for p, a in arrays.items() if '/train/' in p]
+    proc = _cli('-m', 'timm_rsmamba.data.stats', root, '--split', 'train', '--reflectance-scale', '10000',
+                '--sensor', 'eurosat-ms', '--bands', 'B04,B03,B02,B8A', '--method', 'pixel')
+    assert proc.returncode == 0, proc.stderr
+    flags = proc.stdout.strip().splitlines()[-1].split()
+    assert flags[:2] == ['flags:', '--mean'] and flags[6] == '--std'
+    pixels = np.concatenate([a[[3, 2, 1, 12]].reshape(4, -1) for a in train], axis=1).astype(np.float64) / 10000
+    np.testing.assert_allclose([float(v) for v in flags[2:6]], pixels.mean(1), atol=2e-6)
+    np.testing.assert_allclose([float(v) for v in flags[7:11]], pixels.std(1), atol=2e-6)
+    assert ' '.join(flags[11:]) == '--in-chans 4 --bands 4,3,2,13 --sensor eurosat-ms --reflectance-scale 10000'
+    auto = _cli('-m', 'timm_rsmamba.data.stats', root, '--split', 'train')  # 13 bands: per band, as stored
+    assert auto.returncode == 0, auto.stderr
+    means = [float(v) for v in auto.stdout.strip().splitlines()[-1].split()[2:15]]
+    np.testing.assert_allclose(means, np.mean([a.reshape(13, -1).mean(1) for a in train], 0), rtol=1e-6)
