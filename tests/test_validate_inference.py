@@ -162,6 +162,26 @@ def test_inference_folder_and_files(workdir, tmp_path, capsys):
     assert list(one['label']) == ['rab'[int(logits[i].argmax())] for i in (0, 5)]
 
 
+def test_inference_show_dir_draws_predictions(workdir, tmp_path):
+    files, logits, _ = _reference(workdir)
+    show = tmp_path / 'show'
+    inference.main([str(workdir / 'data' / 'val'), str(files[0]), '--checkpoint', str(workdir / 'ckpt.pth.tar'),
+                    '--topk', '2', '--show-dir', str(show), '--results-dir', str(tmp_path / 'p'), '-j', '0',
+                    '--device', 'cpu', '--no-console-results'])
+    written = sorted(str(p.relative_to(show)) for p in show.rglob('*.png'))
+    names = [str(f.relative_to(workdir / 'data' / 'val').with_suffix('.png')) for f in files]
+    assert written == sorted(names + [f'{files[0].stem}.png'])  # folder inputs keep their relative names
+    for f in files[:2]:
+        out = Image.open(show / f.relative_to(workdir / 'data' / 'val').with_suffix('.png'))
+        src = np.asarray(Image.open(f).convert('RGB'))
+        factor = -(-256 // src.shape[1])  # enlarged by a whole factor to at least 256 px
+        assert out.width == src.shape[1] * factor and out.height > src.shape[0] * factor
+        arr = np.asarray(out)
+        np.testing.assert_array_equal(arr[:src.shape[0] * factor:factor, ::factor], src)  # no normalisation
+        strip = arr[src.shape[0] * factor:]
+        assert (strip != strip[0, 0]).any(axis=-1).sum() > 100  # the labels are drawn under the image
+
+
 def test_torchrun_two_processes_equal_single(workdir, tmp_path):
     torchrun = shutil.which('torchrun')
     if torchrun is None or not torch.distributed.is_available() or not torch.distributed.is_gloo_available():

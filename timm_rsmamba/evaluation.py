@@ -22,15 +22,18 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import clean_state_dict, split_model_name_tag
 from timm.utils import ParseKwargs
 
-from .data import (DataError, check_num_classes, create_rs_dataset, image_mode_for_channels, label_mapping,
-                   load_image)
+from .data import (BandSpec, DataError, check_num_classes, create_multiband_loader, create_rs_dataset,
+                   image_mode_for_channels, label_mapping, load_image, load_multiband, multiband_transform,
+                   parse_band_list, resolve_bands, scan_band_layout, wants_multiband)
+from .data.bands import add_band_args
 from .hub import create_model
 from .malloc import MALLOC_CHOICES, MALLOC_HELP, configure_malloc
 from .metrics import (drop_sampler_padding, format_per_class_table, gather_across_ranks, metrics_from_logits,
                       save_confusion_matrix_png)
 
 __all__ = ['EvalModel', 'add_eval_input_args', 'read_checkpoint', 'build_eval_model', 'resolve_device',
-           'run_validation', 'write_results', 'FileListDataset', 'collect_inputs', 'run_inference', 'save_predictions']
+           'run_validation', 'write_results', 'FileListDataset', 'collect_inputs', 'run_inference', 'save_predictions',
+           'eval_bands', 'show_predictions']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ class EvalModel:
     label_source: str = 'none'
     checkpoint: Dict[str, Any] = field(default_factory=dict)
     img_size: Optional[int] = None  # the size the model was built for when given explicitly (model kwargs)
+    bands: Optional[BandSpec] = None  # the multi-band selection it was trained on (checkpoint or hub config)
+
+    @property
+    def in_chans(self) -> int:
+        conv = getattr(getattr(self.model, 'patch_embed', None), 'proj', None)
+        return getattr(conv, 'in_channels', None) or getattr(self.model, 'in_chans', 3)
 
 
 def add_eval_input_args(parser, workers: int) -> None:
@@ -67,6 +76,7 @@ def add_eval_input_args(parser, workers: int) -> None:
     parser.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
     parser.add_argument('--malloc', default='auto', choices=MALLOC_CHOICES, help=MALLOC_HELP)
+    add_band_args(parser, from_checkpoint=True)
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -166,7 +176,56 @@ def build_eval_model(model_name: Optional[str], checkpoint: str = '', pretrained
         built = built[-1]
     if ckpt.get('pretrained_cfg', {}).get('input_size'):
         built = None  # the checkpoint's recorded input size wins
-    return EvalModel(model, model_name, names, source, ckpt, built)
+    bands = BandSpec.from_dict(ckpt.get('bands') or _source_config(model_name).get('bands'))
+    return EvalModel(model, model_name, names, source, ckpt, built, bands)
+
+
+def _source_config(model_name: str) -> Dict[str, Any]:
+    """config.json of a 'local-dir:' or 'hf-hub:' model (timm has read it already: cached), else {}."""
+    import json
+    from timm.models import parse_model_name
+    source, model_id = parse_model_name(model_name)
+    if source == 'local-dir':
+        path = os.path.join(model_id, 'config.json')
+    elif source == 'hf-hub':
+        from timm.models._hub import download_from_hf
+        path = download_from_hf(model_id, 'config.json')
+    else:
+        return {}
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def eval_bands(args, em: EvalModel, file_bands: int, dtype: str, example: str) -> BandSpec:
+    """The bands to read from files with ``file_bands`` bands of ``dtype``: the checkpoint's selection, changed by
+    --bands / --sensor / --reflectance-scale where given; mismatches with the data name a file."""
+    recorded = em.bands
+    if args.bands or args.sensor or recorded is None:
+        requested = parse_band_list(args.bands) if args.bands else (recorded.indices if recorded else None)
+        sensor = args.sensor or (recorded.sensor if recorded and not args.bands else None)
+        scale = args.reflectance_scale if args.reflectance_scale is not None else (
+            recorded.reflectance_scale if recorded else None)
+        return resolve_bands(requested, file_bands, sensor, em.in_chans, example, dtype, scale)
+    if file_bands != recorded.file_bands:
+        raise DataError(f'the model reads {recorded.describe()}, but {example} has {file_bands} band(s): choose '
+                        f'its bands with --bands (1-based numbers, in the order the model expects)')
+    if args.reflectance_scale is not None:
+        return BandSpec(file_bands, recorded.indices, recorded.names, recorded.sensor, dtype, args.reflectance_scale)
+    if recorded.dtype and dtype != recorded.dtype:
+        raise DataError(f'the model was trained on {recorded.dtype} values ({recorded.describe()}), but {example} '
+                        f'stores {dtype}: the values are likely scaled differently. Pass --reflectance-scale to say '
+                        f'how to scale these (e.g. 1 for reflectance already in 0-1)')
+    return recorded
+
+
+def _uses_multiband(args, em: EvalModel) -> bool:
+    return em.bands is not None or wants_multiband(args.in_chans or em.in_chans, args.bands, args.reflectance_scale)
+
+
+def _multiband_eval_transform(data_config):
+    return multiband_transform(data_config['input_size'], interpolation=data_config['interpolation'],
+                               crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
+                               mean=data_config['mean'], std=data_config['std'])
 
 
 def resolve_device(args) -> torch.device:
@@ -192,7 +251,18 @@ def _data_config(args, em: EvalModel):
                                                      'std', 'interpolation', 'in_chans')}
     if cfg_args['img_size'] is None and cfg_args['input_size'] is None and em.img_size is not None:
         cfg_args['img_size'] = em.img_size
-    return resolve_data_config(cfg_args, model=em.model, use_test_size=True)
+    chans = em.in_chans
+    for flag in ('mean', 'std'):
+        if cfg_args[flag] is not None and len(cfg_args[flag]) not in (1, chans):
+            raise DataError(f'--{flag} has {len(cfg_args[flag])} values; the model takes {chans} band(s): give '
+                            f'{chans} values (one per band) or one for all')
+    config = resolve_data_config(cfg_args, model=em.model, use_test_size=True)
+    for flag in ('mean', 'std'):
+        if len(config[flag]) != config['input_size'][0]:
+            raise DataError(f'the model takes {config["input_size"][0]} bands but its {flag} has '
+                            f'{len(config[flag])} values (RGB statistics); pass --{flag} with '
+                            f'{config["input_size"][0]} values (`python -m timm_rsmamba.data.stats` prints them)')
+    return config
 
 
 def _prepare_model(model, device, args):
@@ -230,6 +300,16 @@ def _forward_all(model, loader, device, args, amp_autocast, tag='Test'):
     return logits, target
 
 
+def _eval_loader(dataset, data_config, args, device, multiband: bool, distributed: bool = False):
+    common = dict(input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+                  num_workers=args.workers, distributed=distributed, device=device)
+    if multiband:
+        return create_multiband_loader(dataset, _multiband_eval_transform(data_config), **common)
+    return create_loader(
+        dataset, use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), **common)
+
+
 def run_validation(args) -> OrderedDict:
     """Evaluate ``args`` (validate.py's flags); returns timm-style results (top1, top5, macro_* ...).
 
@@ -243,10 +323,16 @@ def run_validation(args) -> OrderedDict:
     model = _prepare_model(em.model, device, args)
     data_config = _data_config(args, em)
     root = args.data or args.data_dir
+    multiband = _uses_multiband(args, em)
     dataset = create_rs_dataset(
         args.dataset, root, args.split, is_training=False, class_map=args.class_map, input_key=args.input_key,
         target_key=args.target_key, skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
-        input_img_mode=image_mode_for_channels(data_config['input_size'][0]))
+        multiband=multiband,
+        input_img_mode=None if multiband else image_mode_for_channels(data_config['input_size'][0]))
+    if multiband:
+        dataset.bands = eval_bands(args, em, dataset.file_bands, dataset.dtype, dataset.example_file())
+        if utils.is_primary(args):
+            _logger.info(f'Multi-band data: {dataset.bands.describe()}')
     data_names = list(dataset.label_names) if dataset.label_names else None
     num_classes = em.model.num_classes
     if em.label_names and data_names:
@@ -262,11 +348,7 @@ def run_validation(args) -> OrderedDict:
                 _logger.warning('the model carries no class names: assuming its classes are in the data\'s order '
                                 f'({", ".join(data_names[:5])}, ...)')
         mapping, names = list(range(num_classes)), data_names
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
-        use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), device=device)
+    loader = _eval_loader(dataset, data_config, args, device, multiband, distributed=args.distributed)
     logits, targets = _forward_all(model, loader, device, args, _amp(args, device))
     if args.distributed:
         logits = drop_sampler_padding(gather_across_ranks(logits), len(dataset), args.world_size)
@@ -339,21 +421,27 @@ def report_validation(results: Dict[str, Any], confusion_matrix: Optional[str] =
 
 
 class FileListDataset(torch.utils.data.Dataset):
-    """Images from a list of paths (no labels), decoded with ``load_image``; timm's create_loader sets transform."""
+    """Images from a list of paths (no labels), decoded with ``load_image``, or with ``bands`` set, as multi-band
+    tensors (``load_multiband``); timm's create_loader sets the transform."""
 
-    def __init__(self, files: Sequence[str], input_img_mode: str = 'RGB'):
+    def __init__(self, files: Sequence[str], input_img_mode: str = 'RGB', bands: Optional[BandSpec] = None):
         self.files = list(files)
         self.input_img_mode = input_img_mode
+        self.bands = bands
         self.transform = None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        try:
-            img = load_image(self.files[index], self.input_img_mode)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f'cannot read image {self.files[index]}: {e}') from e
+        path = self.files[index]
+        if self.bands is not None:
+            img = load_multiband(path, self.bands, path)
+        else:
+            try:
+                img = load_image(path, self.input_img_mode)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f'cannot read image {path}: {e}') from e
         return (self.transform(img) if self.transform is not None else img), 0
 
     def filenames(self, basename: bool = False, absolute: bool = False):
@@ -362,31 +450,37 @@ class FileListDataset(torch.utils.data.Dataset):
         return [os.path.abspath(f) for f in self.files] if absolute else list(self.files)
 
 
-def collect_inputs(inputs: Sequence[str]) -> List[str]:
-    """Image paths from files, folders (recursive) and .txt lists of paths (one per line), in the given order."""
+def collect_inputs(inputs: Sequence[str], relative: bool = False):
+    """Image paths from files, folders (recursive) and .txt lists of paths (one per line), in the given order.
+
+    With ``relative``, (path, name) pairs: the name relative to the folder given, to the list file's folder for
+    listed paths under it, else the file name (what ``--show-dir`` writes under).
+    """
     from .data.stats import find_images
     from timm.data.readers.img_extensions import get_img_extensions
-    files = []
+    found = []
     for item in inputs:
         if os.path.isdir(item):
-            files.extend(find_images(item))
+            found.extend((f, os.path.relpath(f, item)) for f in find_images(item))
         elif os.path.isfile(item) and item.lower().endswith('.txt'):
             base = os.path.dirname(item)
             with open(item) as f:
                 for line in f:
                     line = line.strip()
                     if line and not line.startswith('#'):
-                        files.append(line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line))
+                        path = line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line)
+                        rel = os.path.relpath(path, base or '.')
+                        found.append((path, os.path.basename(path) if rel.startswith('..') else rel))
         elif os.path.isfile(item):
-            files.append(item)
+            found.append((item, os.path.basename(item)))
         else:
             raise DataError(f'input {item!r} does not exist')
-    if not files:
+    if not found:
         raise DataError(f'no images found in {", ".join(inputs)} (extensions {", ".join(get_img_extensions())})')
-    missing = [f for f in files if not os.path.isfile(f)]
+    missing = [f for f, _ in found if not os.path.isfile(f)]
     if missing:
         raise DataError(f'{len(missing)} listed image(s) do not exist, e.g. {missing[0]!r}')
-    return files
+    return found if relative else [f for f, _ in found]
 
 
 def _class_map_names(path: str) -> List[str]:
@@ -420,13 +514,21 @@ def run_inference(args):
                         'per line, in the model\'s index order) or --label-type index / none')
     data_config = _data_config(args, em)
     inputs = list(args.data or []) + ([args.data_dir] if args.data_dir else [])
-    dataset = FileListDataset(collect_inputs(inputs), image_mode_for_channels(data_config['input_size'][0]))
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
-        use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, crop_pct=data_config['crop_pct'],
-        crop_mode=data_config.get('crop_mode'), device=device)
+    found = collect_inputs(inputs, relative=True)
+    files = [f for f, _ in found]
+    multiband = _uses_multiband(args, em)
+    if multiband:
+        file_bands, dtype, _ = scan_band_layout(files, what=f'{len(files)} input image(s)')
+        bands = eval_bands(args, em, file_bands, dtype, files[0])
+        _logger.info(f'Multi-band data: {bands.describe()}')
+        dataset = FileListDataset(files, bands=bands)
+    else:
+        dataset = FileListDataset(files, image_mode_for_channels(data_config['input_size'][0]))
+    loader = _eval_loader(dataset, data_config, args, device, multiband)
     logits, _ = _forward_all(model, loader, device, args, _amp(args, device), tag='Predict')
+    if getattr(args, 'show_dir', None):
+        show_predictions(found, logits.softmax(-1).cpu(), names, args.show_dir, getattr(args, 'show_format', 'png'),
+                         min(max(args.topk, 1), num_classes), dataset.bands)
     out = logits.softmax(-1) if args.output_type == 'prob' else logits
     k = min(args.topk, num_classes)
     values, indices = out.topk(k) if k else (out, None)
@@ -453,6 +555,36 @@ def run_inference(args):
     df.attrs['model_name'] = em.model_name
     df.attrs['img_size'] = data_config['input_size'][-1]
     return df
+
+
+def show_predictions(found, probs: torch.Tensor, names: Optional[Sequence[str]], out_dir: str, fmt: str = 'png',
+                     topk: int = 1, bands: Optional[BandSpec] = None) -> List[str]:
+    """Save every input with its top-k labels and probabilities drawn under it (``timm_rsmamba.visualize``), at
+    ``out_dir/<its relative name>`` with the format's extension; multi-band inputs as an RGB composite."""
+    from .data.multiband import read_bands
+    from .visualize import rgb_composite, prediction_lines, save_annotated
+    ext = {'png': '.png', 'jpg': '.jpg', 'jpeg': '.jpg'}[fmt]
+    targets, seen = [], set()
+    for i, (_, rel) in enumerate(found):
+        target = os.path.splitext(rel)[0] + ext
+        if target in seen:  # two inputs with one name (e.g. a.tif and a.png, or files from two folders)
+            target = f'{os.path.splitext(rel)[0]}-{i}{ext}'
+        seen.add(target)
+        targets.append(os.path.join(out_dir, target))
+    values, indices = probs.topk(topk)
+    start, written = time.time(), []
+    for i, ((path, _), target) in enumerate(zip(found, targets)):
+        if bands is not None:
+            image = rgb_composite(read_bands(path), bands.file_band_names())
+        else:
+            image = load_image(path, 'RGB')
+        labels = [names[j] if names else str(j) for j in indices[i].tolist()]
+        written.append(save_annotated(image, prediction_lines(labels, values[i].tolist()), target, fmt))
+        if (i + 1) % 100 == 0:
+            eta = (len(found) - i - 1) * (time.time() - start) / (i + 1)
+            _logger.info(f'--show-dir: {i + 1}/{len(found)} images  ETA {eta:.0f}s')
+    _logger.info(f'--show-dir: {len(written)} annotated image(s) written to {out_dir}')
+    return written
 
 
 _FMT_EXT = {'csv': '.csv', 'json': '.json', 'json-split': '.json', 'json-records': '.json', 'parquet': '.parquet'}

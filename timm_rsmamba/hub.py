@@ -279,7 +279,8 @@ def _fmt(value: float) -> str:
 def build_model_card(
         model, cfg: Dict[str, Any], name: str, label_names, dataset: Optional[str] = None, split: Optional[str] = None,
         metrics: Optional[Dict[str, float]] = None, metrics_source: Optional[str] = None, recipe: Any = None,
-        load_name: Optional[str] = None, source: Optional[str] = None) -> Dict[str, Any]:
+        load_name: Optional[str] = None, source: Optional[str] = None,
+        bands: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The model card as timm's ``generate_readme`` takes it; ``cfg`` is the exported pretrained_cfg."""
     n_params = sum(p.numel() for p in model.parameters())
     details = {
@@ -302,12 +303,20 @@ def build_model_card(
     details['Papers'] = {
         'RSMamba: Remote Sensing Image Classification with State Space Model': 'https://arxiv.org/abs/2403.19654'}
     details['Original'] = 'https://github.com/KyanChen/RSMamba'
+    if bands:
+        from .data.bands import BandSpec
+        spec = BandSpec.from_dict(bands)
+        inputs = (f'Input: {spec.describe()} (config.json `bands`; validate.py and inference.py apply it). '
+                  f'Multi-band images are read as float32 tensors (not Pillow); ')
+        scale = 'the units of those values'
+    else:
+        inputs, scale = '', '0-1 scale'
     description = (
         f'RSMamba ({cfg.get("architecture")}) image classifier for {dataset or "remote-sensing scenes"}, '
-        f'in the timm format of the timm-rsmamba plugin. Preprocessing: resize to '
+        f'in the timm format of the timm-rsmamba plugin. {inputs}Preprocessing: resize to '
         f'{round(cfg.get("input_size", (3, 224))[1] / cfg.get("crop_pct", 1))} px ({cfg.get("interpolation")}), '
         f'center crop {cfg.get("input_size", (3, 224))[1]}, normalize with mean {_round(cfg.get("mean"))} and '
-        f'std {_round(cfg.get("std"))} (0-1 scale).\n')
+        f'std {_round(cfg.get("std"))} ({scale}).\n')
     metrics = metrics or {}
     if metrics:
         description += f'\n## Results\n\n{metrics_source or "Measured"} on {dataset or "the evaluation set"}' \
@@ -335,8 +344,12 @@ def _round(values):
 
 def _export_parts(
         model, label_names, model_kwargs=None, pretrained_cfg=None, metrics=None, metrics_source=None,
-        dataset=None, split=None, recipe=None, repo_id=None, load_name=None, source=None, notes=None):
-    """(model_config, model_card, model_args) shared by the local folder and the hub upload."""
+        dataset=None, split=None, recipe=None, repo_id=None, load_name=None, source=None, notes=None, bands=None):
+    """(model_config, model_card, model_args) shared by the local folder and the hub upload.
+
+    ``bands`` (a multi-band run's BandSpec dict: selection, names, sample type, reflectance scale) goes into
+    config.json beside label_names, where validate.py and inference.py read it for 'local-dir:' / 'hf-hub:' models.
+    """
     label_names = list(label_names or model.pretrained_cfg.get('label_names') or [])
     if len(label_names) != model.num_classes:
         raise ValueError(
@@ -347,6 +360,11 @@ def _export_parts(
         model_kwargs = getattr(model, '_model_args', {})
     model_args = export_model_args(architecture, model_kwargs)
     overrides = {k: v for k, v in (pretrained_cfg or {}).items() if k in _DATA_KEYS and v is not None}
+    built = _built_input_size(model)
+    if not (pretrained_cfg or {}).get('input_size') and built is not None:
+        # RSMamba takes any size (dynamic_img_size), so timm would export the default cfg's 224 px; the size it
+        # was built for (its position embedding's native grid) is the one to recommend
+        overrides['input_size'] = built
     for key in ('mean', 'std'):
         if key in overrides:
             overrides[key] = [float(v) for v in overrides[key]]
@@ -362,19 +380,28 @@ def _export_parts(
         dataset=dataset, split=split, metrics=metrics, metrics_source=metrics_source, recipe=recipe,
         source=source).items() if v}
     model_config = dict(label_names=label_names, pretrained_cfg=overrides, model_card=card_info)
+    if bands:
+        model_config['bands'] = dict(bands)
     name = repo_id.split('/')[-1] if repo_id else architecture
     # the input size the exported model takes (older timm: the pretrained cfg's)
     current = getattr(timm.data, 'resolve_input_data_config', timm.data.resolve_model_data_config)(model)
     card_cfg = {**model.pretrained_cfg, 'input_size': current['input_size'], **overrides}
     card = build_model_card(
         model, card_cfg, name, label_names, dataset, split, metrics, metrics_source, recipe,
-        load_name or (f'hf-hub:{repo_id}' if repo_id else None), source)
+        load_name or (f'hf-hub:{repo_id}' if repo_id else None), source, bands)
     return model_config, card, model_args
+
+
+def _built_input_size(model):
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is None or not hasattr(model, 'in_chans'):
+        return None
+    return [int(model.in_chans), *[int(s) for s in img_size]]
 
 
 def save_pretrained_folder(
         model, out_dir, label_names=None, model_kwargs=None, pretrained_cfg=None, metrics=None, dataset=None,
-        split=None, recipe=None, metrics_source=None, repo_id=None, source=None, notes=None) -> Path:
+        split=None, recipe=None, metrics_source=None, repo_id=None, source=None, notes=None, bands=None) -> Path:
     """Write model.safetensors + config.json + README.md (timm's save_for_hf and generate_readme).
 
     config.json carries architecture, num_classes, label_names, model_args (kwargs that differ from the variant's
@@ -386,7 +413,7 @@ def save_pretrained_folder(
     out_dir = Path(out_dir)
     model_config, card, model_args = _export_parts(
         model, label_names, model_kwargs, pretrained_cfg, metrics, metrics_source, dataset, split, recipe,
-        repo_id, load_name=None if repo_id else f'local-dir:{out_dir}', source=source, notes=notes)
+        repo_id, load_name=None if repo_id else f'local-dir:{out_dir}', source=source, notes=notes, bands=bands)
     with _ExportArgs(model, model_args):
         save_for_hf(model, out_dir, model_config=model_config, model_args=model_args, safe_serialization=True)
     name = repo_id.split('/')[-1] if repo_id else out_dir.name
@@ -444,7 +471,8 @@ def load_training_checkpoint(path, use_ema: bool = False, trust_pickle: bool = F
         metrics = {arg_dict.get('eval_metric') or 'eval_metric': float(ckpt['metric'])}
     info = dict(
         label_names=ckpt.get('label_names'), model_kwargs=model_kwargs, pretrained_cfg=ckpt.get('pretrained_cfg'),
-        metrics=metrics, recipe=_recipe_from_args(args), dataset=arg_dict.get('dataset') or _folder_name(arg_dict))
+        metrics=metrics, recipe=_recipe_from_args(args), dataset=arg_dict.get('dataset') or _folder_name(arg_dict),
+        bands=ckpt.get('bands'))
     return model, info
 
 
@@ -462,7 +490,7 @@ def load_folder(folder):
     model = create_model(f'local-dir:{folder}', pretrained=True)
     info = dict(
         label_names=config.get('label_names'), model_kwargs=config.get('model_args') or {},
-        pretrained_cfg=config.get('pretrained_cfg'))
+        pretrained_cfg=config.get('pretrained_cfg'), bands=config.get('bands'))
     info.update(config.get('model_card') or {})
     return model, info
 

@@ -36,17 +36,15 @@ class CorruptImageError(DataError):
 
 
 def image_mode_for_channels(in_chans: int) -> str:
-    """PIL mode the folder/HF pipelines decode to for a model with ``in_chans`` input channels.
+    """PIL mode timm's (PIL) pipelines decode to for a model with ``in_chans`` input channels: 'L' or 'RGB'.
 
-    timm's transforms work on PIL images, so 1 (grayscale) and 3 (RGB) channels are what they can feed;
-    more bands (e.g. 13-band Sentinel-2) need the model with a tensor pipeline of one's own.
+    Other band counts go through the multi-band tensor pipeline (``create_rs_dataset(..., multiband=True)``).
     """
     if in_chans in (1, 3):
         return 'L' if in_chans == 1 else 'RGB'
     raise DataError(
-        f'--in-chans {in_chans}: the image pipeline decodes 1-channel (grayscale) or 3-channel (RGB) images only. '
-        f'A {in_chans}-band model works from Python (timm.create_model(..., in_chans={in_chans})) fed by a loader '
-        f'that returns ({in_chans}, H, W) tensors.')
+        f'--in-chans {in_chans}: Pillow decodes 1-channel (grayscale) or 3-channel (RGB) images only; '
+        f'{in_chans}-band images are read by the multi-band pipeline (create_rs_dataset(..., multiband=True))')
 
 
 def _fmt_names(names: Sequence[str], limit: int = 12) -> str:
@@ -200,6 +198,7 @@ def create_rs_dataset(
         num_samples: Optional[int] = None,
         input_img_mode: str = 'RGB',
         high_bit_depth: str = 'percentile',
+        multiband: bool = False,
         **kwargs,
 ):
     """A timm dataset for ``name``/``root``/``split`` with ``.label_names`` (None when the source has none).
@@ -209,6 +208,8 @@ def create_rs_dataset(
     timm prefixes (hfids/, wds/, tfds/, torch/) pass through to ``timm.data.create_dataset`` unchanged.
     ``skip_corrupt``: decode every image once and leave unreadable ones out (their names are logged and kept in
     ``dataset.skipped_files``); otherwise an unreadable image raises ``CorruptImageError`` naming it.
+    ``multiband``: a ``MultibandImageDataset`` of full-depth (bands, H, W) float32 tensors (image folders only),
+    whose file headers are read once to check that every file has the same bands and sample type.
     """
     name = name or ''
     prefix, sep, rest = name.partition('/')
@@ -218,6 +219,9 @@ def create_rs_dataset(
             root and os.path.exists(os.path.join(root, class_map))):
         raise DataError(f'class map file {class_map!r} does not exist (--class-map expects a .txt with one class '
                         f'name per line, in index order)')
+    if multiband and prefix:
+        raise DataError(f'--dataset {name}: multi-band images are read from image folders (class sub-folders of '
+                        f'GeoTIFF chips); {prefix}/ datasets decode through Pillow, which holds 1 or 3 channels')
     common = dict(class_map=class_map, input_key=input_key, is_training=is_training,
                   batch_size=batch_size, seed=seed, num_samples=num_samples, **kwargs)
 
@@ -259,12 +263,20 @@ def create_rs_dataset(
         base.label_names = _label_names(reader) if reader is not None else None
         return base
 
-    ds = RSImageDataset(reader, input_img_mode=input_img_mode, high_bit_depth=high_bit_depth)
+    if multiband:
+        from .multiband import MultibandImageDataset
+        ds = MultibandImageDataset(reader)
+    else:
+        ds = RSImageDataset(reader, input_img_mode=input_img_mode, high_bit_depth=high_bit_depth)
     ds.source_folder = os.path.abspath(resolved) if not prefix else None  # lets train.py spot train == val
     if len(ds) == 0:
         raise DataError(f'split {split!r} of {name or root!r} has no samples')
+    if multiband:
+        unreadable = ds.scan(skip_corrupt)
     if skip_corrupt:
         ds.remove_corrupt()
+        if multiband:
+            ds.skipped_files = unreadable + ds.skipped_files
         if len(ds) == 0:
             raise DataError(f'every image of split {split!r} in {name or root!r} is unreadable')
     return ds

@@ -1,9 +1,13 @@
 """Per-channel mean and std of an image folder, for ``--mean`` / ``--std``.
 
     python -m timm_rsmamba.data.stats ROOT [--split train] [--method image|pixel] [-j 4]
+    python -m timm_rsmamba.data.stats ROOT --split train [--bands 2,3,4,8] [--reflectance-scale 10000]
 
-Two conventions, both computed in one pass on the decoded 8-bit RGB values (``load_image``; 16-bit data is
-rescaled as documented there):
+Multi-band images (band counts other than 1 and 3, or any with --bands / --reflectance-scale / --in-chans N)
+are measured per band on the values the multi-band pipeline feeds the model (``data.multiband``: full depth,
+float32, divided by the reflectance scale), and the flags printed are in those units. RGB and grayscale images
+are measured on the decoded 8-bit values (``load_image``; 16-bit data is rescaled as documented there).
+Two conventions, both computed in one pass:
 
 * ``--method image`` (default): the mean over images of each image's per-channel mean and (population) std.
   This is how the paper's ``meanstd.txt`` was made (UC Merced: std 44.2 / 41.6 / 39.6; pooled it is ~55).
@@ -23,8 +27,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from timm.data.readers.img_extensions import get_img_extensions
 
+from .bands import BandSpec, add_band_args, parse_band_list, resolve_bands, wants_multiband
 from .dataset import DataError, _resolve_split_root
 from .images import load_image
+from .multiband import load_multiband, read_band_layout, scan_band_layout
 
 __all__ = ['find_images', 'channel_stats', 'format_stats', 'main']
 
@@ -44,24 +50,29 @@ def find_images(root) -> List[str]:
     return files
 
 
-def _sums(path: str, mode: str, high_bit_depth: str):
-    try:
-        arr = np.asarray(load_image(path, mode, high_bit_depth), dtype=np.float64)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f'cannot read image {path}: {e}') from e
-    arr = arr.reshape(-1, arr.shape[-1] if arr.ndim == 3 else 1)
+def _sums(path: str, mode: str, high_bit_depth: str, bands: Optional[BandSpec] = None):
+    if bands is not None:
+        arr = load_multiband(path, bands, path).numpy().astype(np.float64).reshape(bands.count, -1).T
+    else:
+        try:
+            arr = np.asarray(load_image(path, mode, high_bit_depth), dtype=np.float64)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f'cannot read image {path}: {e}') from e
+        arr = arr.reshape(-1, arr.shape[-1] if arr.ndim == 3 else 1)
     return arr.sum(0), np.square(arr).sum(0), arr.shape[0], arr.mean(0), arr.std(0)
 
 
 def channel_stats(files: Sequence[str], mode: str = 'RGB', high_bit_depth: str = 'percentile',
-                  workers: Optional[int] = None, log_every: Optional[int] = None) -> Dict[str, object]:
-    """Per-channel statistics on the 0-255 scale: 'mean'/'std' pooled over pixels, 'image_mean'/'image_std'
-    averaged over images, plus 'num_images' and 'num_pixels'. Progress is logged with an ETA."""
+                  workers: Optional[int] = None, log_every: Optional[int] = None,
+                  bands: Optional[BandSpec] = None) -> Dict[str, object]:
+    """Per-channel statistics: 'mean'/'std' pooled over pixels, 'image_mean'/'image_std' averaged over images,
+    plus 'num_images' and 'num_pixels'; on the 0-255 scale, or with ``bands`` per band in the units of the
+    multi-band pipeline's values. Progress is logged with an ETA."""
     total = s = sq = im_mean = im_std = 0
     n, start = len(files), time.time()
     log_every = log_every or max(1, n // 20)
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        for done, (a, b, c, m, d) in enumerate(pool.map(lambda f: _sums(f, mode, high_bit_depth), files), 1):
+        for done, (a, b, c, m, d) in enumerate(pool.map(lambda f: _sums(f, mode, high_bit_depth, bands), files), 1):
             s, sq, total, im_mean, im_std = s + a, sq + b, total + c, im_mean + m, im_std + d
             if done % log_every == 0 or done == n:
                 rate = done / max(time.time() - start, 1e-6)
@@ -72,7 +83,19 @@ def channel_stats(files: Sequence[str], mode: str = 'RGB', high_bit_depth: str =
             'image_std': (im_std / n).tolist(), 'num_images': n, 'num_pixels': int(total)}
 
 
-def format_stats(stats: Dict[str, object], method: str = 'image') -> str:
+def band_flags(bands: BandSpec) -> str:
+    """The train.py flags that reproduce a band selection (--in-chans, --bands, --sensor, --reflectance-scale)."""
+    flags = [f'--in-chans {bands.count}']
+    if bands.indices:
+        flags.append('--bands ' + ','.join(map(str, bands.indices)))
+    if bands.sensor:
+        flags.append(f'--sensor {bands.sensor}')
+    if bands.reflectance_scale:
+        flags.append(f'--reflectance-scale {bands.reflectance_scale:g}')
+    return ' '.join(flags)
+
+
+def format_stats(stats: Dict[str, object], method: str = 'image', bands: Optional[BandSpec] = None) -> str:
     """Human-readable report ending with the ``--mean/--std`` flags for ``method`` ('image' or 'pixel')."""
     def fmt(v, scale, digits):
         return ' '.join(f'{x / scale:.{digits}f}' for x in v)
@@ -82,6 +105,16 @@ def format_stats(stats: Dict[str, object], method: str = 'image') -> str:
     else:
         mean, std, other, other_std = stats['mean'], stats['std'], 'image', stats['image_std']
         how = 'pooled over all pixels'
+    if bands is not None:
+        digits = 6 if bands.reflectance_scale or bands.dtype.startswith('float') else 3
+        names = bands.names or [f'band {i}' for i in (bands.indices or range(1, bands.count + 1))]
+        rows = [f'  {name:>8s}  mean {m:.{digits}f}  std {d:.{digits}f}' for name, m, d in zip(names, mean, std)]
+        return '\n'.join([
+            f'{stats["num_images"]} images, {stats["num_pixels"]} pixels; --method {method} ({how})',
+            f'{bands.describe()}; statistics in the units of those values:', *rows,
+            f'(with --method {other} the std is {fmt(other_std, 1, digits)})',
+            f'flags: --mean {fmt(mean, 1, digits)} --std {fmt(std, 1, digits)} {band_flags(bands)}',
+        ])
     return '\n'.join([
         f'{stats["num_images"]} images, {stats["num_pixels"]} pixels; --method {method} ({how})',
         f'mean (0-255): {fmt(mean, 1, 3)}',
@@ -103,16 +136,35 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument('--high-bit-depth', default='percentile', choices=('percentile', 'range'),
                    help='rescaling of 16-bit/float images to 0-255 (default: percentile)')
     p.add_argument('-j', '--workers', type=int, default=None, help='decoding threads (default: up to 8)')
+    p.add_argument('--in-chans', type=int, default=None, metavar='N',
+                   help='bands the model takes (multi-band statistics; default: all bands of the files)')
+    add_band_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         root = _resolve_split_root(args.root, args.split) if args.split and os.path.isdir(args.root) else args.root
-        stats = channel_stats(find_images(root), 'L' if args.gray else 'RGB', args.high_bit_depth, args.workers)
+        files = find_images(root)
+        bands = _multiband_spec(args, files)
+        stats = channel_stats(files, 'L' if args.gray else 'RGB', args.high_bit_depth, args.workers, bands=bands)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    print(format_stats(stats, args.method))
+    print(format_stats(stats, args.method, bands))
     return stats
+
+
+def _multiband_spec(args, files: Sequence[str]) -> Optional[BandSpec]:
+    """The band selection to measure, or None for 8-bit RGB/L statistics (see the module docstring)."""
+    if not wants_multiband(args.in_chans, args.bands, args.reflectance_scale):
+        try:
+            first = read_band_layout(files[0])[0]
+        except Exception:  # unreadable: the RGB path names the file
+            return None
+        if first in (1, 3):
+            return None
+    file_bands, dtype, _ = scan_band_layout(files, workers=args.workers, what=f'{len(files)}-image folder')
+    return resolve_bands(parse_band_list(args.bands), file_bands, args.sensor, args.in_chans, files[0], dtype,
+                         args.reflectance_scale)
 
 
 if __name__ == '__main__':

@@ -13,6 +13,12 @@ Departures from the original, all behind options or documented:
   always gets the same logits; ``'random'`` restores the original's fresh permutation in eval too.
 * ``cls_token_position='head_tail'`` works (the original checks a misspelt name and raises).
 * ``drop_path_rate`` adds stochastic depth on the block residual (0 = original).
+* ``dynamic_img_size=True`` (default): any input size runs. At the size the model was built for the position
+  embedding is used as is (the original's math, bit for bit); another token grid gets it resampled
+  (bicubic, as timm resizes ViT position embeddings), cached per grid outside training. Remote-sensing
+  chips come at their sensors' sizes (64 px EuroSAT, 120 px BigEarthNet, 256 px UC Merced), and
+  trainers that never pass img_size feed them as they are. ``dynamic_img_size=False`` restores timm's
+  fixed-size convention: other sizes are an error.
 """
 import math
 import pickle
@@ -31,7 +37,7 @@ from timm.models._features import feature_take_indices
 from ..modules import MambaMixer
 from ._datasets import DATASETS, normalization
 
-__all__ = ['RSMamba', 'checkpoint_filter_fn', 'convert_mmpretrain']
+__all__ = ['RSMamba', 'checkpoint_filter_fn', 'convert_mmpretrain', 'check_input_bands', 'InputBandsError']
 
 PATH_TYPES = (
     'forward', 'forward_reverse_mean', 'forward_reverse_gate',
@@ -59,6 +65,7 @@ class CornerPatchEmbed(nn.Module):
         self.stride = _pair(stride)
         self.grid_size = self.dynamic_grid(self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = False  # timm reads it for fixed_input_size; RSMamba sets it from dynamic_img_size
         self.proj = nn.Conv2d(
             in_chans, embed_dim, self.patch_size, self.stride, bias=False, device=device, dtype=dtype)
 
@@ -210,7 +217,7 @@ class RSMamba(nn.Module):
             norm_eps: float = 1e-6,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            dynamic_img_size: bool = False,
+            dynamic_img_size: bool = True,
             scan_backend: Optional[str] = None,
             conv_backend: Optional[str] = None,
             device=None,
@@ -224,6 +231,8 @@ class RSMamba(nn.Module):
             pos_embed_type: 'learnable' (default), 'sine' (fixed 2-D sin-cos) or 'none'.
             eval_shuffle: 'fixed' = seeded per-block permutation in eval; 'random' = the original.
             drop_rate: dropout after the position embedding (the original's only dropout).
+            dynamic_img_size: accept any input size, resampling the position embedding for token grids other
+                than img_size's (default); False makes other sizes an error (timm's fixed-size convention).
             global_pool: 'avg' (patch-token mean then LayerNorm) or 'token' (class token(s));
                 default 'token' with class tokens, else 'avg'.
             scan_backend / conv_backend: force an ops backend (scan: 'cpu_kernel', 'compiled', 'chunked',
@@ -253,10 +262,13 @@ class RSMamba(nn.Module):
         self.eval_shuffle = eval_shuffle
         self.shuffle_seed = shuffle_seed
         self.dynamic_img_size = dynamic_img_size
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         self._perm_cache: Dict[Tuple[int, int, torch.device], List[torch.Tensor]] = {}
+        self._pos_cache: Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]] = {}
 
         self.patch_embed = CornerPatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim, **dd)
+        self.patch_embed.strict_img_size = not dynamic_img_size
         grid = self.patch_embed.grid_size
         seq_len = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, self.num_prefix_tokens, embed_dim, **dd)) \
@@ -368,8 +380,7 @@ class RSMamba(nn.Module):
                         f'input gives a {gh}x{gw} token grid but the model was built for '
                         f'{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]}; build it with the matching '
                         f'img_size or dynamic_img_size=True')
-                pos = resample_pos_embed(pos, (gh, gw), self.patch_embed.grid_size, self.cls_token_position,
-                                         self.num_prefix_tokens)
+                pos = self._resampled_pos_embed((gh, gw))
             x = x + pos
         elif self.pos_embed_type == 'sine':
             table = self.sine_pos_embed if (gh, gw) == self.patch_embed.grid_size \
@@ -377,6 +388,26 @@ class RSMamba(nn.Module):
             zeros = table.new_zeros(1, self.num_prefix_tokens, D) if self.num_prefix_tokens else None
             x = x + insert_extra_tokens(table, zeros, self.cls_token_position).to(x.dtype)
         return self.pos_drop(x)
+
+    def _resampled_pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """pos_embed resampled to ``grid``. Training (and any forward that needs its gradient) resamples every
+        time; otherwise the result is cached per grid, keyed on the parameter's storage and version so an update
+        in place (optimizer step, load_state_dict) or a move recomputes it; never while torch.compile or export
+        trace, where a cached tensor would be baked into the graph."""
+        pos = self.pos_embed
+        cacheable = (not self.training and not (torch.is_grad_enabled() and pos.requires_grad)
+                     and not torch.compiler.is_compiling())
+        if not cacheable:
+            return resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.cls_token_position,
+                                      self.num_prefix_tokens)
+        key = (pos.data_ptr(), pos._version, pos.device, pos.dtype)
+        hit = self._pos_cache.get(grid)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.cls_token_position,
+                                               self.num_prefix_tokens))
+            self._pos_cache[grid] = hit
+        return hit[1]
 
     def _run_block(self, block, x, perm):
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
@@ -531,8 +562,26 @@ def _check_against_model(state_dict: Dict[str, torch.Tensor], model: RSMamba, sh
             + '; '.join(problems))
 
 
+class InputBandsError(ValueError):
+    """Weights for one number of input bands loaded into a model with another (other than 3 into N)."""
+
+
+def check_input_bands(state_dict: Dict[str, torch.Tensor], model: RSMamba, source: str = 'the checkpoint'):
+    """Allow a patch conv of the model's band count, or a 3-band (RGB) one, which timm's adapt_input_conv turns
+    into N bands; anything else has no sensible mapping (which of 13 bands is which of 4?) and is an error."""
+    weight = state_dict.get('patch_embed.proj.weight')
+    want = model.patch_embed.proj.in_channels
+    if weight is not None and weight.ndim == 4 and weight.shape[1] not in (want, 3):
+        raise InputBandsError(
+            f'{source} takes {weight.shape[1]}-band input (patch_embed.proj.weight {list(weight.shape)}) but the model '
+            f'has {want} input band(s). Only 3-band (RGB) weights adapt to other band counts; build the model with '
+            f'in_chans={weight.shape[1]} (--in-chans/--bands selecting {weight.shape[1]} bands), or start from '
+            f'RGB weights or from scratch.')
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RSMamba) -> Dict[str, torch.Tensor]:
-    """Accept our checkpoints and the authors' mmpretrain ones; resample pos_embed to the model's grid."""
+    """Accept our checkpoints and the authors' mmpretrain ones; resample pos_embed to the model's grid; refuse
+    a patch conv of another band count than the model's or RGB's (timm adapts RGB ones after this filter)."""
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
     if any(k.startswith('backbone.') for k in state_dict):
@@ -542,6 +591,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RSMamba) ->
                 'these keys of the original RSMamba checkpoint have no counterpart in timm_rsmamba: '
                 + ', '.join(sorted(unmatched)))
         _check_against_model(state_dict, model)
+    check_input_bands(state_dict, model)
     pos = state_dict.get('pos_embed')
     if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
         old_patches = pos.shape[1] - model.num_prefix_tokens
@@ -566,7 +616,7 @@ def _cfg(dataset: str = 'ucm', **kwargs):
         'crop_pct': 224 / 256,
         'crop_mode': 'center',
         'interpolation': 'bicubic',
-        'fixed_input_size': True,
+        'fixed_input_size': False,  # dynamic_img_size=True: any size runs (timm reads the instance's own value)
         'mean': mean,
         'std': std,
         'first_conv': 'patch_embed.proj',

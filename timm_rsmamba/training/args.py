@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import yaml
 from timm import utils
 
+from ..data.bands import add_band_args, wants_multiband
 from ..malloc import MALLOC_CHOICES, MALLOC_HELP
 
 __all__ = ['build_parser', 'parse_args', 'ConfigError']
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--target-key', default=None, type=str, help='HF dataset column holding the labels')
     group.add_argument('--skip-corrupt', action='store_true', default=False,
                        help='skip (and count) unreadable images instead of stopping with an error naming the file')
+    add_band_args(group)
 
     # Model
     group = parser.add_argument_group('Model parameters')
@@ -175,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='random-resized-crop aspect ratio range (default: 0.75 1.33)')
     group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default: 0.5)')
     group.add_argument('--vflip', type=float, default=0., help='vertical flip probability (default: 0)')
-    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--rot90', type=float, default=0., metavar='PCT',
+                       help='probability of a random rotation by 90, 180 or 270 degrees (default: 0)')
+    group.add_argument('--color-jitter', type=float, default=None, metavar='PCT',
+                       help='color jitter factor (default: 0.4 for RGB, 0 for multi-band data, which cannot take it)')
     group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT',
                        help='probability of applying color jitter')
     group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='random grayscale probability')
@@ -266,5 +271,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
     args.config = config_args.config
     if args.data_dir is None:
         args.data_dir = args.data
+    if args.color_jitter is None:  # timm's 0.4 where it applies; an explicit value on multi-band data is refused
+        in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+        args.color_jitter = 0. if wants_multiband(in_chans, args.bands, args.reflectance_scale) else 0.4
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     return args, args_text

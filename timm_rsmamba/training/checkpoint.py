@@ -20,7 +20,7 @@ from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 _logger = logging.getLogger(__name__)
 
 __all__ = ['atomic_save', 'AtomicCheckpointSaver', 'find_resume_checkpoint', 'restore_training_state',
-           'load_initial_checkpoint', 'CheckpointError']
+           'load_initial_checkpoint', 'adapt_input_conv_weights', 'CheckpointError']
 
 
 class CheckpointError(ValueError):
@@ -198,8 +198,33 @@ def _check_head(state_dict, model, path, flag):
             f'(a new head is made); to continue it, use data with its {got[0]} classes.')
 
 
+def adapt_input_conv_weights(state_dict: Dict[str, torch.Tensor], model, source: str) -> Dict[str, torch.Tensor]:
+    """Give 3-band (RGB) first-conv weights the model's band count as timm's load_pretrained does for its loads
+    (``adapt_input_conv``: the RGB kernels repeated over the bands, scaled by 3/N), and say so; a first conv of
+    another band count than 3 or the model's is a CheckpointError."""
+    first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    key = f'{first}.weight' if isinstance(first, str) else None
+    if key is None or key not in state_dict or key not in model.state_dict():
+        return state_dict
+    got, want = state_dict[key].shape, model.state_dict()[key].shape
+    if len(got) != 4 or got[1] == want[1]:
+        return state_dict
+    if got[1] != 3:
+        raise CheckpointError(
+            f'{source} takes {got[1]}-band input ({key} {list(got)}) but the model has {want[1]} input band(s). Only '
+            f'3-band (RGB) weights adapt to other band counts: select {got[1]} bands (--in-chans/--bands), or start '
+            f'from RGB weights or from scratch.')
+    from timm.models._manipulate import adapt_input_conv
+    state_dict = dict(state_dict)
+    state_dict[key] = adapt_input_conv(want[1], state_dict[key])
+    _logger.info(f'Converted the 3-band {first} weights of {source} to {want[1]} bands (timm adapt_input_conv: the RGB '
+                 f'kernels repeated over the bands, scaled by 3/{want[1]})')
+    return state_dict
+
+
 def load_initial_checkpoint(model, path: str, filter_fn=None):
-    """``--initial-checkpoint``: weights for the same classes, with a specific error when the head differs."""
+    """``--initial-checkpoint``: weights for the same classes, with a specific error when the head differs;
+    3-band weights adapt to a model of other band counts (``adapt_input_conv_weights``)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'--initial-checkpoint {path!r} does not exist')
     try:
@@ -207,7 +232,11 @@ def load_initial_checkpoint(model, path: str, filter_fn=None):
     except Exception as e:
         raise CheckpointError(f'--initial-checkpoint {path!r} could not be read ({type(e).__name__}: {e})') from e
     if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except (ValueError, KeyError) as e:  # the filter's messages name what does not fit
+            raise CheckpointError(f'--initial-checkpoint {path!r}: {e}') from e
+    state_dict = adapt_input_conv_weights(state_dict, model, f'--initial-checkpoint {path}')
     _check_head(state_dict, model, path, '--initial-checkpoint')
     try:
         model.load_state_dict(state_dict)

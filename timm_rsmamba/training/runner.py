@@ -83,12 +83,18 @@ def _in_chans(args) -> int:
 
 
 def build_datasets(args):
-    """Train and (optional) validation datasets; the class names come from the training split."""
-    from timm_rsmamba.data import create_rs_dataset, image_mode_for_channels
+    """Train and (optional) validation datasets; the class names come from the training split.
 
+    Multi-band runs (``wants_multiband``) read full-depth tensors: the band selection (``--bands``, ``--sensor``,
+    ``--reflectance-scale``) is resolved against the training files, set on both datasets (``dataset.bands``)
+    and ``args.in_chans`` becomes its band count.
+    """
+    from timm_rsmamba.data import create_rs_dataset, image_mode_for_channels, parse_band_list, wants_multiband
+
+    multiband = wants_multiband(_in_chans(args), args.bands, args.reflectance_scale)
     common = dict(class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
-                  skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed,
-                  input_img_mode=image_mode_for_channels(_in_chans(args)))
+                  skip_corrupt=args.skip_corrupt, batch_size=args.batch_size, seed=args.seed, multiband=multiband,
+                  input_img_mode=None if multiband else image_mode_for_channels(_in_chans(args)))
     dataset_train = create_rs_dataset(args.dataset, args.data_dir or None, args.train_split, is_training=True, **common)
     dataset_eval = None
     if args.val_split:
@@ -107,6 +113,23 @@ def build_datasets(args):
                 f'train and validation both read every image in {same} (it has no {args.train_split}/ and '
                 f'{args.val_split}/ folders): validation scores and model_best measure fit to the training images. '
                 f'Make a held-out split with `python -m timm_rsmamba.data.split {same} DST` and train on DST.')
+    if multiband:
+        from timm_rsmamba.data import resolve_bands
+        explicit = args.in_chans or (args.input_size[0] if args.input_size else None)
+        spec = resolve_bands(parse_band_list(args.bands), dataset_train.file_bands, args.sensor, explicit,
+                             example=dataset_train.example_file(), dtype=dataset_train.dtype,
+                             reflectance_scale=args.reflectance_scale)
+        if dataset_eval is not None and (dataset_eval.file_bands, dataset_eval.dtype) != (spec.file_bands, spec.dtype):
+            raise ConfigError(
+                f'the {args.val_split!r} images ({dataset_eval.file_bands}-band {dataset_eval.dtype}, e.g. '
+                f'{dataset_eval.example_file()}) differ from the {args.train_split!r} images ({spec.file_bands}-band '
+                f'{spec.dtype}, e.g. {dataset_train.example_file()})')
+        for ds in (dataset_train, dataset_eval):
+            if ds is not None:
+                ds.bands = spec
+        args.in_chans = spec.count
+        if utils.is_primary(args):
+            _logger.info(f'Multi-band data: {spec.describe()}.')
     return dataset_train, dataset_eval
 
 
@@ -128,7 +151,28 @@ def _model_user_error(args, err: Exception) -> Optional[ConfigError]:
             f'{", ".join(timm.list_models("rsmamba*"))}.')
     if isinstance(err, (UnknownModelError, HubUnavailableError, HeadMismatchError)):
         return ConfigError(f'--model {args.model!r}: {err}')
+    from timm_rsmamba.models.rsmamba import InputBandsError
+    if isinstance(err, InputBandsError):
+        return ConfigError(str(err))
     return None
+
+
+def _file_input_size(path: str, model_name: str) -> Dict[str, Any]:
+    """The band count of a weights file's first conv as a pretrained_cfg input_size, so timm's load_pretrained
+    adapts 3-band weights to the model's bands (adapt_input_conv) and loads N-band ones unchanged."""
+    arch = timm.models.split_model_name_tag(model_name)[0]
+    first = timm.models.get_pretrained_cfg_value(arch, 'first_conv') if timm.models.is_model(arch) else None
+    if not isinstance(first, str):
+        return {}
+    from .checkpoint import CheckpointError
+    try:
+        weight = timm.models.load_state_dict(path).get(f'{first}.weight')
+    except Exception as e:
+        raise CheckpointError(f'--pretrained-path {path!r} could not be read ({type(e).__name__}: {e})') from e
+    if weight is None or weight.ndim != 4:
+        return {}
+    size = timm.models.get_pretrained_cfg_value(arch, 'input_size') or (3, 224, 224)
+    return dict(input_size=(int(weight.shape[1]), *size[1:]))
 
 
 def build_model(args, num_classes: int):
@@ -145,7 +189,8 @@ def build_model(args, num_classes: int):
     if args.pretrained_path:
         if not os.path.isfile(args.pretrained_path):
             raise ConfigError(f'--pretrained-path {args.pretrained_path!r} does not exist')
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+        factory_kwargs['pretrained_cfg_overlay'] = dict(
+            file=args.pretrained_path, num_classes=-1, **_file_input_size(args.pretrained_path, args.model))
     create_kwargs = dict(in_chans=in_chans, num_classes=num_classes, drop_rate=args.drop, **model_kwargs)
     if args.drop_path is not None:
         create_kwargs['drop_path_rate'] = args.drop_path
@@ -177,11 +222,25 @@ def build_model(args, num_classes: int):
 
 
 def run_data_config(args, model) -> Dict[str, Any]:
-    """timm's resolve_data_config, with the model's real img_size when the run does not set one."""
+    """timm's resolve_data_config, with the model's real img_size when the run does not set one.
+
+    Multi-band runs need --mean/--std of the band count (or one value): RGB statistics cannot describe them.
+    """
+    from timm_rsmamba.data import wants_multiband
+    in_chans = _in_chans(args)
+    if wants_multiband(in_chans, args.bands, args.reflectance_scale):
+        for flag in ('mean', 'std'):
+            values = getattr(args, flag)
+            if values is None or len(values) not in (1, in_chans):
+                got = 'none' if values is None else f'{len(values)} value(s)'
+                raise ConfigError(
+                    f'--{flag} needs {in_chans} values (one per band, in the units of the values after '
+                    f'--reflectance-scale) or one for all; got {got}. `python -m timm_rsmamba.data.stats '
+                    f'{args.data_dir or "DATA"} --split {args.train_split} --in-chans {in_chans} ...` prints them.')
     overrides = dict(vars(args))
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if args.img_size is None and args.input_size is None and img_size is not None:
-        overrides['input_size'] = (_in_chans(args), *tuple(img_size))
+        overrides['input_size'] = (in_chans, *tuple(img_size))
     return resolve_data_config(overrides, model=model, verbose=utils.is_primary(args))
 
 
@@ -204,6 +263,15 @@ def _run_pretrained_cfg(model, args, data_config, label_names) -> Dict[str, Any]
 
 
 def _build_loaders(args, device, data_config, dataset_train, dataset_eval, num_classes):
+    bands = getattr(dataset_train, 'bands', None)
+    if bands is not None:
+        from timm_rsmamba.data import refuse_colour_ops
+        refuse_colour_ops(bands.count, {'--aa': args.aa, '--color-jitter': args.color_jitter,
+                                        '--grayscale-prob': args.grayscale_prob})
+        if args.prefetcher and utils.is_primary(args):
+            _logger.info('Multi-band data: the loader workers produce normalised float32 tensors without timm\'s '
+                         'prefetcher (it assumes uint8 images); Mixup/CutMix run on each batch.')
+        args.prefetcher = False
     mixup_fn = None
     collate_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -222,42 +290,58 @@ def _build_loaders(args, device, data_config, dataset_train, dataset_eval, num_c
         train_interpolation = data_config['interpolation']
     # Workers are restarted every epoch (not persistent) so their seeds come from the per-epoch random state:
     # that is what makes a resumed run draw the same augmentations as an uninterrupted one with -j > 0.
-    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
-                  distributed=args.distributed, use_prefetcher=args.prefetcher, persistent_workers=False)
-    loader_train = create_loader(
-        dataset_train,
-        input_size=data_config['input_size'],
-        batch_size=args.batch_size,
-        is_training=True,
-        no_aug=args.no_aug,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
-        train_crop_mode=args.train_crop_mode,
-        scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
-        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
-        auto_augment=args.aa,
-        interpolation=train_interpolation,
-        num_workers=args.workers,
-        worker_seeding=args.worker_seeding,
-        collate_fn=collate_fn,
-        **common,
-    )
-    if len(loader_train) == 0:
-        raise ConfigError(f'the training split has {len(dataset_train)} images, fewer than one batch')
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval,
+    common = dict(pin_memory=args.pin_mem, device=device, distributed=args.distributed, persistent_workers=False,
+                  num_workers=args.workers)
+    eval_kwargs = dict(input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+                       is_training=False, **common)
+    if bands is not None:
+        from timm_rsmamba.data import create_multiband_loader, multiband_transform
+        norm = dict(mean=data_config['mean'], std=data_config['std'])
+        train_tf = multiband_transform(
+            data_config['input_size'], is_training=True, interpolation=train_interpolation, no_aug=args.no_aug,
+            scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, rot90=args.rot90,
+            gaussian_blur_prob=args.gaussian_blur_prob or 0., re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, **norm)
+        if args.train_crop_mode not in (None, 'rrc'):
+            raise ConfigError(f'--train-crop-mode {args.train_crop_mode}: multi-band training crops with rrc '
+                              f'(random resized crop) only')
+        loader_train = create_multiband_loader(
+            dataset_train, train_tf, input_size=data_config['input_size'], batch_size=args.batch_size,
+            is_training=True, worker_seeding=args.worker_seeding, **common)
+        make_eval = partial(create_multiband_loader, transform=multiband_transform(
+            data_config['input_size'], interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+            crop_mode=data_config.get('crop_mode'), **norm))
+    else:
+        loader_train = create_loader(
+            dataset_train,
             input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size,
-            is_training=False,
-            interpolation=data_config['interpolation'],
-            num_workers=args.workers,
-            crop_pct=data_config['crop_pct'],
-            crop_mode=data_config.get('crop_mode'),
+            batch_size=args.batch_size,
+            is_training=True,
+            no_aug=args.no_aug,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+            train_crop_mode=args.train_crop_mode,
+            scale=args.scale, ratio=args.ratio,
+            hflip=args.hflip, vflip=args.vflip,
+            color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+            grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+            auto_augment=args.aa,
+            interpolation=train_interpolation,
+            worker_seeding=args.worker_seeding,
+            collate_fn=collate_fn,
+            mean=data_config['mean'], std=data_config['std'], use_prefetcher=args.prefetcher,
             **common,
         )
+        if args.rot90 > 0:
+            from timm_rsmamba.data.transforms import insert_rotate90
+            if args.no_aug:
+                raise ConfigError('--rot90 is an augmentation; it cannot be combined with --no-aug')
+            insert_rotate90(dataset_train.transform, args.rot90)
+        make_eval = partial(create_loader, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                            crop_mode=data_config.get('crop_mode'), mean=data_config['mean'], std=data_config['std'],
+                            use_prefetcher=args.prefetcher)
+    if len(loader_train) == 0:
+        raise ConfigError(f'the training split has {len(dataset_train)} images, fewer than one batch')
+    loader_eval = make_eval(dataset_eval, **eval_kwargs) if dataset_eval is not None else None
     return loader_train, loader_eval, mixup_fn, mixup_active
 
 
@@ -412,6 +496,8 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
         output_dir = _output_dir(args, data_config, resume_path)
         extra = dict(label_names=label_names, num_classes=num_classes, model_kwargs=saved_model_kwargs,
                      pretrained_cfg=run_cfg)
+        if getattr(dataset_train, 'bands', None) is not None:  # validate/inference/hub read the same bands
+            extra['bands'] = dataset_train.bands.to_dict()
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
