@@ -185,7 +185,9 @@ def test_app_predicts_through_the_client(checkpoint, tmp_path, loopback_only):
     except ImportError:
         pytest.skip('gradio is not installed (pip install -e ".[test]" or ".[demo]" brings it)')
     from timm_rsmamba.demo import build_app, launch
+    stubs_before = set((REPO / 'timm_rsmamba').rglob('*.pyi'))
     app = build_app(Classifier.load(str(checkpoint)), [str(p) for p in IMAGES])
+    assert set((REPO / 'timm_rsmamba').rglob('*.pyi')) == stubs_before  # Gradio writes stubs for component classes
     port = _free_port()
     launch(app, '127.0.0.1', port, block=False)
     try:

@@ -112,24 +112,18 @@ def build_app(classifier: Classifier, examples: Sequence[str] = (), topk: int = 
     """The Gradio page: an image in, a gr.Label of the top-k classes out; the API endpoint is ``/predict``.
 
     The page opens with the first example classified; picking or uploading an image classifies it. Uploads reach
-    ``Classifier.predict`` undecoded, so a file that is no image gets its readable error, not Gradio's.
+    ``Classifier.predict`` undecoded, so a file that is no image gets its readable error, not Gradio's. (A gr.Image
+    subclass could do the same, but Gradio writes a .pyi stub beside the module of every component class.)
     """
     import gradio as gr
 
-    class UploadedImage(gr.Image):  # gr.Image on the page; hands over the upload undecoded
-        is_template = True
-
-        def preprocess(self, payload):
-            """The uploaded file's path without opening it: load_image decodes it, or says what is wrong."""
-            if payload is None or payload.path is None or (payload.url or '').startswith('data:'):
-                return super().preprocess(payload)
-            return payload.path
-
     def predict(image):
-        if image is None:
+        """``image``: a path (examples), or the upload's file record (the events with preprocess=False)."""
+        path = image.get('path') if isinstance(image, dict) else image
+        if path is None:
             raise gr.Error('No image: upload one or pick an example.')
         try:
-            return classifier.predict(image, topk)
+            return classifier.predict(path, topk)
         except DataError as e:
             raise gr.Error(html.escape(str(e)), print_exception=False) from e
 
@@ -142,8 +136,8 @@ def build_app(classifier: Classifier, examples: Sequence[str] = (), topk: int = 
                     'classes.\n\n' + classifier.describe())
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type='filepath', image_mode=None, label='Aerial image', height=320,
-                                      sources=['upload', 'clipboard'], value=examples[0] if examples else None)
+                image = gr.Image(type='filepath', image_mode=None, label='Aerial image', height=320,
+                                 sources=['upload', 'clipboard'], value=examples[0] if examples else None)
                 button = gr.Button('Classify', variant='primary')
             label = gr.Label(num_top_classes=topk, label=f'Top-{topk} classes')
         if examples:
@@ -151,8 +145,9 @@ def build_app(classifier: Classifier, examples: Sequence[str] = (), topk: int = 
                         examples_per_page=len(examples), label='UC Merced sample images (one per class)',
                         api_visibility='private')
             app.load(lambda: predict(examples[0]), None, label, api_visibility='private')
-        button.click(predict, image, label, api_name='predict')
-        image.upload(show, image, label, api_visibility='private')
+        # preprocess=False: uploads reach predict undecoded (Gradio's own decoding fails with an unreadable message)
+        button.click(predict, image, label, api_name='predict', preprocess=False)
+        image.upload(show, image, label, api_visibility='private', preprocess=False)
         image.clear(lambda: None, None, label, api_visibility='private')
     return app
 
@@ -178,7 +173,8 @@ def build_parser():
     p.add_argument('--checkpoint', default='', metavar='FILE', help='train.py checkpoint (.pth.tar) or weights file')
     p.add_argument('--model', '-m', default=None, metavar='MODEL',
                    help='hf-hub:ORG/REPO, local-dir:DIR or a timm name (default: the checkpoint\'s architecture)')
-    p.add_argument('--pretrained', action='store_true', help='load the timm name\'s pretrained weights')
+    p.add_argument('--pretrained', action='store_true',
+                   help='load the model name\'s pretrained weights (implied without --checkpoint)')
     p.add_argument('--class-map', default='', metavar='FILE',
                    help='class names in the model\'s index order (.txt, one per line), for a model without them')
     p.add_argument('--examples', default=None, metavar='DIR',
