@@ -193,7 +193,9 @@ def test_app_predicts_through_the_client(checkpoint, tmp_path, loopback_only):
     try:
         client = Client(f'http://127.0.0.1:{port}/', verbose=False)
         assert '/predict' in client.view_api(print_info=False, return_format='dict')['named_endpoints']
-        for path in IMAGES:
+        tiff = tmp_path / 'beach.tif'  # browsers cannot show TIFF; the API still takes it
+        Image.open(IMAGES[0]).save(tiff)
+        for path in [*IMAGES, tiff]:
             result = client.predict(handle_file(str(path)), api_name='/predict')
             ref = _reference_top5(checkpoint, path)
             assert result['label'] == ref[0][0]
