@@ -253,6 +253,7 @@ class RSMamba(nn.Module):
         self._check_pool(global_pool, cls_token_position)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.cls_token_position = cls_token_position
@@ -262,9 +263,8 @@ class RSMamba(nn.Module):
         self.eval_shuffle = eval_shuffle
         self.shuffle_seed = shuffle_seed
         self.dynamic_img_size = dynamic_img_size
-        self.in_chans = in_chans
         self.grad_checkpointing = False
-        self._perm_cache: Dict[Tuple[int, int, torch.device], List[torch.Tensor]] = {}
+        self._perm_cache: Dict[Tuple[int, int], torch.Tensor] = {}
         self._pos_cache: Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]] = {}
 
         self.patch_embed = CornerPatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim, **dd)
@@ -278,7 +278,7 @@ class RSMamba(nn.Module):
         else:
             self.pos_embed = None
             if pos_embed_type == 'sine':
-                self.register_buffer('sine_pos_embed', sincos_pos_embed_2d(grid, embed_dim), persistent=False)
+                self.register_buffer('sine_pos_embed', torch.empty(0, **dd), persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth ramp
@@ -288,6 +288,12 @@ class RSMamba(nn.Module):
                 embed_dim, intermediate_size, path_type, state_size=state_size, dt_rank=dt_rank,
                 conv_kernel=conv_kernel, drop_path=dpr[i], scan_backend=scan_backend, conv_backend=conv_backend, **dd)
             for i in range(depth)])
+        if self.blocks and self.blocks[0].shuffle:
+            # the eval permutations at the native length, as a buffer: they follow .to(device) and torch.export
+            # records them as constants (a generator cannot be exported)
+            self._native_perm_key = (shuffle_seed, seq_len)
+            self.register_buffer('eval_perms', torch.empty(0, dtype=torch.long, device=device), persistent=False)
+        self.init_non_persistent_buffers()
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=patch_stride, module=f'blocks.{i}') for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd)
@@ -308,6 +314,15 @@ class RSMamba(nn.Module):
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=.02)
         nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode='fan_in', nonlinearity='linear')
+
+    def init_non_persistent_buffers(self) -> None:
+        """(Re)compute the buffers the state dict leaves out, on their device: after meta-device construction
+        (timm's reinit_non_persistent_buffers, transformers' from_pretrained) they hold no values."""
+        if hasattr(self, 'eval_perms'):
+            self.eval_perms = self._draw_perms(*self._native_perm_key).to(self.eval_perms.device)
+        if hasattr(self, 'sine_pos_embed'):
+            table = sincos_pos_embed_2d(self.patch_embed.grid_size, self.embed_dim)
+            self.sine_pos_embed = table.to(self.sine_pos_embed.device, self.sine_pos_embed.dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -343,25 +358,43 @@ class RSMamba(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     # ---- token permutations -------------------------------------------------------------------
+    def _draw_perms(self, seed: int, seq_len: int) -> torch.Tensor:
+        """(blocks, seq_len): block i's permutation from a CPU generator seeded by (seed, i)."""
+        return torch.stack([
+            torch.randperm(seq_len, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            for i in range(len(self.blocks))])
+
     def shuffle_permutations(self, seq_len: int, device=None) -> List[torch.Tensor]:
         """The fixed eval-mode permutation of each block (seeded by ``shuffle_seed`` and block index).
 
-        Drawn on the CPU so CPU and GPU runs agree, cached per seed, length and device.
+        Drawn on the CPU so CPU and GPU runs agree. The native length's are the ``eval_perms`` buffer; other
+        lengths (``dynamic_img_size``) are drawn once per seed and length, and must be drawn before tracing.
         """
-        device = torch.device(device or 'cpu')
-        key = (self.shuffle_seed, seq_len, device)
-        if key not in self._perm_cache:
-            perms = []
-            for i in range(len(self.blocks)):
-                gen = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + i)
-                perms.append(torch.randperm(seq_len, generator=gen).to(device))
-            self._perm_cache[key] = perms
-        return self._perm_cache[key]
+        key = (self.shuffle_seed, seq_len)
+        if key == getattr(self, '_native_perm_key', None):
+            perms = self.eval_perms
+        else:
+            if key not in self._perm_cache:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(
+                        f'the eval shuffle permutations for {seq_len} tokens are drawn with a torch.Generator, which '
+                        f'cannot be traced: run the model once in eval mode on an input of this size before '
+                        f'torch.export / torch.compile, or export at the native size '
+                        f'{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}')
+                self._perm_cache[key] = self._draw_perms(*key)
+            perms = self._perm_cache[key]
+        return list(perms.to(device or perms.device).unbind(0))
 
     def _block_perms(self, seq_len: int, device) -> List[Optional[torch.Tensor]]:
         if not self.blocks or not self.blocks[0].shuffle:
             return [None] * len(self.blocks)
         if self.training or self.eval_shuffle == 'random':
+            if torch.compiler.is_exporting():
+                why = ('is in training mode: call model.eval()' if self.training else
+                       "has eval_shuffle='random': set model.eval_shuffle = 'fixed'")
+                raise RuntimeError(
+                    f'cannot export this RSMamba: it draws a new token shuffle every forward because it {why}. '
+                    f'The fixed eval permutations are constants of the exported graph.')
             return [torch.randperm(seq_len, device=device) for _ in self.blocks]
         return self.shuffle_permutations(seq_len, device)
 

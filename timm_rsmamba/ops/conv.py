@@ -3,7 +3,8 @@
 Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``cpu_kernel`` (the CPU default:
 the forward in C++, csrc/mamba_cpu.cpp, the backward as ``torch``'s), ``torch`` (shifted multiply-adds
 that keep the input's memory layout, every device; fused by torch.compile for big problems on CPU and CUDA,
-eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for tests).
+eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for tests; what ``auto`` picks under
+torch.export, a grouped ``Conv`` in ONNX).
 """
 import os
 from typing import Optional
@@ -143,6 +144,8 @@ def has_causal_conv1d() -> bool:
 def resolve_conv_backend(name: Optional[str], device=None) -> str:
     name = name or os.environ.get(BACKEND_ENV_VAR) or 'auto'
     if name == 'auto':
+        if torch.compiler.is_exporting():
+            return 'reference'  # F.conv1d: a grouped Conv in ONNX
         kind = torch.device(device).type if device is not None else 'cpu'
         if kind == 'cpu':
             return 'cpu_kernel'

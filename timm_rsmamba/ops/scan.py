@@ -24,7 +24,10 @@ Backends:
   chunk at once, about 3 sqrt(length) ops per scan instead of a dozen per position. Made for devices where
   each op launch costs (MPS, XPU); on CPU its full-size temporaries make it slower than ``compiled``.
 * ``reference``: a plain sequential loop, the independent yardstick for tests and benchmarks.
+* ``loop``: the same recurrence as one step body run by torch's ``scan`` operator; what ``auto`` picks under
+  torch.export, so exported graphs (and ONNX files) hold plain ops and an ONNX ``Scan``.
 """
+import contextlib
 import math
 import os
 from typing import Callable, Dict, Optional
@@ -99,6 +102,54 @@ def selective_scan_reference(
         y = y * F.silu(z.to(ct))
     out = y.to(u.dtype)
     return (out, h) if return_last_state else out
+
+
+def _scan_operator():
+    try:
+        from torch._higher_order_ops.scan import scan
+    except ImportError:  # torch before 2.6
+        return None
+    return scan
+
+
+def selective_scan_loop(
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The sequential scan as one step function looped over positions by torch's ``scan`` operator.
+
+    What ``auto`` runs under torch.export: the exported graph holds one step body instead of a Python loop
+    unrolled over every position (or a custom op), and the ONNX exporter turns it into an ONNX ``Scan``, which
+    onnxruntime runs. Eager calls work too (torch compiles the step on first use).
+    """
+    scan = _scan_operator()
+    if scan is None:
+        raise RuntimeError(f"scan backend 'loop' needs torch >= 2.6 (torch._higher_order_ops.scan); "
+                           f"this is torch {torch.__version__}")
+    ct = _compute_dtype(u.dtype)
+    A_c = A.to(ct)
+    D_c = None if D is None else D.to(ct)
+    bias = None if delta_bias is None else delta_bias.to(ct)
+
+    def time_major(t):
+        return t.permute(2, 0, 1).to(ct)
+
+    def step(h, xs):
+        u_t, delta_t, B_t, C_t, *z_t = xs  # z_t: [] without a gate (the operator takes tensors only)
+        delta_t = _delta_pre(delta_t, bias)
+        if delta_softplus:
+            delta_t = F.softplus(delta_t)
+        _, h = _state_step(h, delta_t, u_t, A_c, B_t)
+        y = _readout(h, C_t, u_t, D_c)
+        return h, y * F.silu(z_t[0]) if z_t else y
+
+    # no autocast region unless one is active: torch.export cannot serialise the region's markers
+    fp32_region = torch.autocast(u.device.type, enabled=False) if torch.is_autocast_enabled(u.device.type) \
+        else contextlib.nullcontext()
+    with fp32_region:
+        h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=ct)
+        xs = [time_major(t) for t in (u, delta, B, C, z) if t is not None]
+        last, ys = scan(step, h0, xs)
+        out = ys.permute(1, 2, 0).to(u.dtype)
+    return (out, last) if return_last_state else out
 
 
 def _state_step(h, delta, u_t, A, B_t):
@@ -514,6 +565,7 @@ SCAN_BACKENDS: Dict[str, Callable] = {
     'compiled': selective_scan_compiled,
     'chunked': selective_scan_chunked,
     'reference': selective_scan_reference,
+    'loop': selective_scan_loop,
     'mamba_ssm': selective_scan_mamba_ssm,
 }
 
@@ -526,6 +578,8 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
     """Backend actually used: explicit name > $RSMAMBA_SCAN_BACKEND > automatic choice."""
     name = name or os.environ.get(BACKEND_ENV_VAR) or 'auto'
     if name == 'auto':
+        if torch.compiler.is_exporting():
+            return 'loop'  # a graph of plain ops that any runtime (onnxruntime, ...) can run
         kind = torch.device(device).type if device is not None else 'cpu'
         if kind == 'cuda' and has_mamba_ssm():
             return 'mamba_ssm'
