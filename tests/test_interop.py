@@ -22,14 +22,16 @@ def test_attributes_timm_reads_from_every_model():
     model = tiny(in_chans=13)
     assert model.in_chans == 13 and model.num_classes == 3
     assert model.num_features == model.head_hidden_size == 32
-    assert model.global_pool == 'avg' and model.num_prefix_tokens == 0 and model.dynamic_img_size is False
+    assert model.global_pool == 'avg' and model.num_prefix_tokens == 0 and model.dynamic_img_size is True
     assert model.pretrained_cfg is model.default_cfg and model.pretrained_cfg['first_conv'] == 'patch_embed.proj'
     assert model.get_submodule(model.pretrained_cfg['first_conv']).in_channels == 13
     assert model.get_submodule(model.pretrained_cfg['classifier']) is model.get_classifier()
     # timm's export and data helpers take the channels and size from the model itself, not its source cfg
     assert get_model_traits(model)['in_chans'] == 13
     assert get_model_input_config(model)['input_size'] == (13, 32, 32)
-    assert timm.data.resolve_input_data_config(model)['input_size'] == (13, 32, 32)
+    assert timm.data.resolve_input_data_config(model)['input_size'][0] == 13  # the size is only a recommendation
+    fixed = tiny(in_chans=13, dynamic_img_size=False)
+    assert timm.data.resolve_input_data_config(fixed)['input_size'] == (13, 32, 32)
     assert [i['num_chs'] for i in model.feature_info] == [32, 32]
 
 
@@ -104,10 +106,11 @@ def test_transformers_pipeline_matches_timms_preprocessing(tmp_path, transformer
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
     classify = transformers.pipeline('image-classification', model=str(folder))
     got = {r['label']: r['score'] for r in classify(image, top_k=len(LABELS))}
-    # the independent route: timm's own eval transform of the model's data config
-    transform = timm.data.create_transform(**timm.data.resolve_input_data_config(model))
+    # the independent route: timm loads the folder and applies its own eval transform of the folder's data config
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=reloaded))
     with torch.no_grad():
-        probs = model(transform(image)[None]).softmax(-1)[0]
+        probs = reloaded(transform(image)[None]).softmax(-1)[0]
     assert got == pytest.approx({name: p.item() for name, p in zip(LABELS, probs)}, abs=1e-6)
 
 

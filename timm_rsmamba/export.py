@@ -52,10 +52,11 @@ def export_program(model: torch.nn.Module, x: torch.Tensor, path: Optional[str] 
     return program
 
 
-def onnx_metadata(model: torch.nn.Module, label_names: Optional[Sequence[str]] = None) -> Dict[str, str]:
-    """What a runtime needs besides the graph: class names (when known) and preprocessing, as JSON strings."""
+def onnx_metadata(model: torch.nn.Module, x: torch.Tensor, label_names: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """What a runtime needs besides the graph: class names (when known) and the preprocessing for inputs shaped
+    like ``x`` (one example's channels and size), as JSON strings."""
     from timm.data import resolve_input_data_config
-    cfg = resolve_input_data_config(model)  # the size and channels the model takes now, not its source cfg's
+    cfg = resolve_input_data_config(model, args=dict(input_size=tuple(x.shape[1:])))
     meta = {k: json.dumps(list(v) if isinstance(v, tuple) else v)
             for k, v in cfg.items() if k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
     if label_names:
@@ -144,7 +145,7 @@ def main(argv=None) -> Dict[str, Any]:
         if out.suffix == '.pt2':
             export_program(model, x, str(out))
         else:
-            export_onnx(model, str(out), x, onnx_metadata(model, em.label_names), args.opset)
+            export_onnx(model, str(out), x, onnx_metadata(model, x, em.label_names), args.opset)
     except RuntimeError as e:
         _logger.error(f'export failed: {str(e).splitlines()[0]}')
         sys.exit(1)
