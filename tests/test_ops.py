@@ -290,9 +290,9 @@ def test_backend_switch_env_and_errors(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     assert resolve_scan_backend(None, torch.device('cpu')) == 'cpu_kernel'
     assert resolve_scan_backend(None, torch.device('meta')) == 'chunked'  # devices without inductor support
-    monkeypatch.setattr(scan_module, '_mamba_ssm_fn', lambda: None)
+    monkeypatch.setattr(scan_module, 'mamba_ssm_fn', lambda: None)
     assert resolve_scan_backend(None, torch.device('cuda')) == 'compiled'  # CUDA without the [cuda] extra
-    monkeypatch.setattr(scan_module, '_mamba_ssm_fn', lambda: object())
+    monkeypatch.setattr(scan_module, 'mamba_ssm_fn', lambda: object())
     assert resolve_scan_backend(None, torch.device('cuda')) == 'mamba_ssm'
     assert resolve_scan_backend('reference') == 'reference'
     monkeypatch.setenv(BACKEND_ENV_VAR, 'reference')

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, cpu_conv_forward
+from .fused_cuda import causal_conv1d_fn, fused_causal_conv1d
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
 CONV_BACKENDS = ('causal_conv1d', 'cpu_kernel', 'torch', 'reference')
@@ -129,16 +130,8 @@ def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
     return causal_conv1d_torch(x, weight, bias, activation, cpu_kernel=usable)
 
 
-def _fused_fn():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # optional extra; absence or a broken build must not break import
-        return None
-    return causal_conv1d_fn
-
-
 def has_causal_conv1d() -> bool:
-    return _fused_fn() is not None
+    return causal_conv1d_fn() is not None
 
 
 def resolve_conv_backend(name: Optional[str], device=None) -> str:
@@ -161,10 +154,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] 
     """x: (batch, dim, length); weight: (dim, kernel); bias: (dim,)."""
     name = resolve_conv_backend(backend, x.device)
     if name == 'causal_conv1d':
-        fn = _fused_fn()
-        if fn is None or not x.is_cuda:
+        if not x.is_cuda:
             raise RuntimeError("conv backend 'causal_conv1d' needs CUDA tensors and pip install 'timm-rsmamba[cuda]'")
-        return fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
+        return fused_causal_conv1d(x, weight, bias, activation)
     if name == 'reference':
         return causal_conv1d_reference(x, weight, bias, activation)
     if name == 'cpu_kernel':

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, cpu_scan_forward
+from .fused_cuda import fused_selective_scan, mamba_ssm_fn
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -538,26 +539,15 @@ def selective_scan_cpu_kernel(
                          compiled, cpu_kernel=True)
 
 
-def _mamba_ssm_fn() -> Optional[Callable]:
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # missing or broken optional extra must never break import
-        return None
-    return selective_scan_fn
-
-
 def selective_scan_mamba_ssm(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """The fused CUDA kernel from the optional ``mamba-ssm`` package."""
-    fn = _mamba_ssm_fn()
-    if fn is None:
-        raise RuntimeError("scan backend 'mamba_ssm' needs the optional extra: pip install 'timm-rsmamba[cuda]'")
-    if not u.is_cuda:
+    """The fused CUDA kernel from the optional ``mamba-ssm`` package (a custom op under torch.compile)."""
+    if mamba_ssm_fn() is not None and not u.is_cuda:
         raise RuntimeError("scan backend 'mamba_ssm' runs on CUDA tensors only; "
                            "use 'auto', 'cpu_kernel' or 'compiled' on this device")
-    return fn(u, delta, A.float(), B, C, D=None if D is None else D.float(), z=z,
-              delta_bias=None if delta_bias is None else delta_bias.float(),
-              delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return fused_selective_scan(u, delta, A.float(), B, C, D=None if D is None else D.float(), z=z,
+                                delta_bias=None if delta_bias is None else delta_bias.float(),
+                                delta_softplus=delta_softplus, return_last_state=return_last_state)
 
 
 SCAN_BACKENDS: Dict[str, Callable] = {
@@ -571,7 +561,7 @@ SCAN_BACKENDS: Dict[str, Callable] = {
 
 
 def has_mamba_ssm() -> bool:
-    return _mamba_ssm_fn() is not None
+    return mamba_ssm_fn() is not None
 
 
 def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = None) -> str:
