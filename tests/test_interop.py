@@ -121,3 +121,26 @@ def test_transformers_fix_touches_only_rsmamba_configs():
                                                     model_args=dict(depth=2))
     other = dict(architecture='resnet18', num_classes=3, model_args=dict(num_classes=3))
     assert drop_duplicate_num_classes(other) is other
+
+
+# ---- FX symbolic tracing (timm's create_feature_extractor) --------------------------------------------------
+@pytest.mark.parametrize('kwargs', [dict(), dict(cls_token_position='head'), dict(pos_embed_type='sine')])
+def test_fx_feature_extractor_returns_block_outputs_and_logits(kwargs):
+    model = tiny(depth=3, **kwargs).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes={'blocks.1': 'mid', 'head': 'logits'})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = extractor(x)
+        _, (mid,) = model.forward_intermediates(x, indices=[1], output_fmt='NLC')
+        torch.testing.assert_close(out['logits'], model(x), rtol=0, atol=0)
+    seq = out['mid'] if model.num_prefix_tokens == 0 else out['mid'][:, 1:]  # intermediates drop class tokens
+    torch.testing.assert_close(seq, mid, rtol=0, atol=0)
+
+
+def test_fx_feature_net_draws_fresh_shuffles_in_training():
+    """The random draw is a step of the traced graph, not a constant from trace time."""
+    net = timm.create_model('rsmamba_small', features_only=True, feature_cls='fx', out_indices=(0, 1), **TINY)
+    x = torch.randn(1, 3, 32, 32)
+    assert not torch.equal(net(x)[1], net(x)[1])
+    net.eval()
+    torch.testing.assert_close(net(x)[1], net(x)[1], rtol=0, atol=0)

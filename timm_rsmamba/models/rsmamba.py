@@ -27,9 +27,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (DropPath, register_notrace_function, register_notrace_module, resample_abs_pos_embed,
+                         trunc_normal_)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -55,6 +57,7 @@ def corner_padded_grid(img_size: Tuple[int, int], kernel: int, stride: int) -> T
     return tuple(math.ceil(s / stride) for s in img_size)
 
 
+@register_notrace_module  # its padding depends on the input's size
 class CornerPatchEmbed(nn.Module):
     """Overlapping patch conv; zero-pads only bottom/right so the strided kernel covers the image."""
 
@@ -94,6 +97,12 @@ def sincos_pos_embed_2d(grid_size: Tuple[int, int], dim: int, temperature: float
     return F.pad(table, (0, dim - table.shape[1]))[None]
 
 
+@register_notrace_function  # FX records the draw as a step of the graph, not its trace-time result
+def random_permutations(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, L): fresh permutations of the L positions of (B, L, D) ``tokens``, on their device."""
+    return torch.stack([torch.randperm(tokens.shape[1], device=tokens.device) for _ in range(count)])
+
+
 def insert_extra_tokens(patches: torch.Tensor, extra: Optional[torch.Tensor], position: str) -> torch.Tensor:
     """Place class tokens (B, n_extra, D) into the patch sequence (B, L, D) as the original does."""
     if extra is None or position == 'none':
@@ -122,6 +131,7 @@ def split_extra_tokens(x: torch.Tensor, position: str, num_extra: int) -> Tuple[
     return x[:, mid:mid + 1], torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
 
 
+@register_notrace_module  # shapes drive its token orders: FX sees a block as one step (timm's feature nodes)
 class MultiPathBlock(nn.Module):
     """One mixer over several token orders at once, merged by mean or a learned softmax gate."""
 
@@ -385,9 +395,12 @@ class RSMamba(nn.Module):
             perms = self._perm_cache[key]
         return list(perms.to(device or perms.device).unbind(0))
 
-    def _block_perms(self, seq_len: int, device) -> List[Optional[torch.Tensor]]:
+    def _block_perms(self, tokens: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """Each block's shuffle of the (B, L, D) ``tokens``: fresh ones in training (and eval_shuffle='random'),
+        else the fixed ones."""
+        n = len(self.blocks)
         if not self.blocks or not self.blocks[0].shuffle:
-            return [None] * len(self.blocks)
+            return [None] * n
         if self.training or self.eval_shuffle == 'random':
             if torch.compiler.is_exporting():
                 why = ('is in training mode: call model.eval()' if self.training else
@@ -395,15 +408,20 @@ class RSMamba(nn.Module):
                 raise RuntimeError(
                     f'cannot export this RSMamba: it draws a new token shuffle every forward because it {why}. '
                     f'The fixed eval permutations are constants of the exported graph.')
-            return [torch.randperm(seq_len, device=device) for _ in self.blocks]
-        return self.shuffle_permutations(seq_len, device)
+            perms = random_permutations(tokens, n)
+            return [perms[i] for i in range(n)]
+        if is_fx_symbolic_tracing():  # at the built size, whose fixed permutations are the buffer's rows
+            return [self.eval_perms[i] for i in range(n)]
+        return self.shuffle_permutations(tokens.shape[1], tokens.device)
 
     # ---- forward ------------------------------------------------------------------------------
     def _pos_embed(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, Gh, Gw, D) patch grid -> (B, L, D) sequence with class tokens and position embedding."""
-        B, gh, gw, D = patches.shape
-        x = patches.reshape(B, gh * gw, D)
-        extra = self.cls_token.expand(B, -1, -1) if self.cls_token is not None else None
+        # FX traces symbolic shapes: it traces the model at the size it was built for
+        gh, gw = self.patch_embed.grid_size if is_fx_symbolic_tracing() else patches.shape[1:3]
+        D = self.embed_dim
+        x = patches.flatten(1, 2)
+        extra = self.cls_token.expand(patches.shape[0], -1, -1) if self.cls_token is not None else None
         x = insert_extra_tokens(x, extra, self.cls_token_position)
         if self.pos_embed is not None:
             pos = self.pos_embed
@@ -448,6 +466,8 @@ class RSMamba(nn.Module):
         return block(x, self.pre_norm, perm)
 
     def _check_input(self, x: torch.Tensor):
+        if is_fx_symbolic_tracing():
+            return
         if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
             raise ValueError(
                 f'expected images (batch, {self.patch_embed.proj.in_channels}, H, W), got shape {tuple(x.shape)}; '
@@ -456,7 +476,7 @@ class RSMamba(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self._pos_embed(self.patch_embed(x))
-        for block, perm in zip(self.blocks, self._block_perms(x.shape[1], x.device)):
+        for block, perm in zip(self.blocks, self._block_perms(x)):
             x = self._run_block(block, x, perm)
         return self.norm(x)
 
@@ -500,7 +520,7 @@ class RSMamba(nn.Module):
         x = self._pos_embed(patches)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
-        for i, (block, perm) in enumerate(zip(blocks, self._block_perms(x.shape[1], x.device))):
+        for i, (block, perm) in enumerate(zip(blocks, self._block_perms(x))):
             x = self._run_block(block, x, perm)
             if i in take_indices:
                 _, tokens = split_extra_tokens(self.norm(x) if norm else x, self.cls_token_position,
