@@ -77,20 +77,20 @@ def test_compiled_matches_reference_values_and_grads(opts):
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('shape,chunk,backward_compiled', [
-    ((2, 6, 37, 16), 8, True),     # the unrolled 16-state kernel; a tail chunk; compiled backward
-    ((2, 20, 45, 16), 8, False),   # 20 channels: a full and a partial vector block; eager backward
-    ((2, 6, 1, 16), None, False),  # a single position
-    ((1, 8, 300, 16), 32, False),  # long sequence, many chunks
-    ((3, 5, 20, 4), 3, False),     # state size read at run time
+@pytest.mark.parametrize('shape,chunk', [
+    ((2, 6, 37, 16), 8),      # the unrolled 16-state groups; a tail chunk
+    ((2, 20, 45, 16), 8),     # 20 channels: a full and a partial vector block
+    ((2, 6, 1, 16), None),    # a single position
+    ((1, 8, 300, 16), 32),    # long sequence, many chunks
+    ((3, 5, 20, 4), 3),       # a state smaller than a register group
+    ((1, 70, 50, 19), 7),     # 19 states (full groups and a tail), one sequence cut into ranges of blocks
 ])
 @pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
-def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, backward_compiled, opts):
-    """The C++ forward against the sequential reference; gradients through the chunk-start states it saves."""
+def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, opts):
+    """The C++ forward and backward against the sequential reference and its autograd."""
     x = make_inputs(*shape, **opts)
-    threshold = 0 if backward_compiled else None
-    assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk, min_compile_elements=threshold)
-    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
+    assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk)
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
     _, h_new = selective_scan_cpu_kernel(**x, delta_softplus=True, return_last_state=True, chunk_len=chunk)
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
     assert h_new.shape == h_ref.shape and h_new.is_contiguous()
@@ -115,16 +115,22 @@ def test_cpu_kernel_inlined_math_over_extreme_inputs():
     assert y[0, 3, 5:].isnan().all() and not y[0, 3, :5].isnan().any() and not y[1].isnan().any()
 
 
-def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
+def _fresh_kernels(monkeypatch):
+    """A not-yet-loaded CPU_KERNELS in place of the shared one, for tests that break its build."""
     kernels = cpu_kernel_module._CpuKernels()
+    for module in (cpu_kernel_module, scan_module, conv_module):
+        monkeypatch.setattr(module, 'CPU_KERNELS', kernels)
+    return kernels
+
+
+def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
+    kernels = _fresh_kernels(monkeypatch)
     monkeypatch.setattr(cpu_kernel_module, '_SOURCE', cpu_kernel_module._SOURCE.with_name('missing.cpp'))
-    monkeypatch.setattr(scan_module, 'CPU_KERNELS', kernels)
-    monkeypatch.setattr(conv_module, 'CPU_KERNELS', kernels)
     x = make_inputs(1, 4, 10, 4)
-    with pytest.warns(UserWarning, match=r"backend 'cpu_kernel': building missing.cpp failed.*torch.compile'd"):
+    with pytest.warns(UserWarning, match=r"building the C\+\+ CPU kernels \(missing.cpp\) failed.*torch.compile'd"):
         y = selective_scan_cpu_kernel(**x, delta_softplus=True)
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
-    assert kernels.error and kernels.module is None  # it does not try again
+    assert kernels.error and kernels.library is None  # it does not try again
     xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
     torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'),
                                causal_conv1d_reference(xc, w, None, 'silu'))
@@ -243,7 +249,7 @@ def test_chunked_is_vectorised_not_a_loop_over_positions():
 
 @pytest.mark.parametrize('scan_fn', [selective_scan_chunked, selective_scan_cpu_kernel])
 def test_gradcheck_float64(scan_fn):
-    """fp64 on the default CPU backend runs without the fp32-only C++ forward."""
+    """float64 gradcheck; for cpu_kernel through the C++ kernels' float64 build of the same loops."""
     x = make_inputs(1, 2, 6, 3, dtype=torch.float64)
     names = [k for k, v in x.items() if v is not None]
 
@@ -339,14 +345,14 @@ def test_causal_conv_gradients_match_reference(activation, L):
 @pytest.mark.parametrize('activation', [None, 'silu'])
 @pytest.mark.parametrize('L,dim', [(1, 6), (2, 20), (37, 20), (300, 40)])
 def test_cpu_kernel_causal_conv_matches_reference(activation, L, dim):
-    """The C++ conv forward on time-major views (a full and a partial vector block; fewer positions than taps);
-    gradients through the shared backward."""
+    """The C++ conv forward and backward on time-major views (a full and a partial vector block; fewer positions
+    than taps)."""
     x = torch.randn(L, 3, 2 * dim)[:, :, :dim].permute(1, 2, 0).requires_grad_()  # the mixer's strides
     w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
     out = causal_conv1d(x, w, b, activation, backend='cpu_kernel')
     ref = causal_conv1d_reference(x, w, b, activation)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
     weight = torch.randn_like(ref)
     for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
                         torch.autograd.grad((ref * weight).sum(), (x, w, b))):
