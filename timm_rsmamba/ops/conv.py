@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
-from .cpu_kernel import CPU_KERNELS, causal_conv1d_fwd, cpu_kernels_available
+from .cpu_kernel import CPU_KERNELS, MAX_CONV_TAPS, causal_conv1d_fwd, cpu_kernels_available
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
 CONV_BACKENDS = ('causal_conv1d', 'cpu_kernel', 'torch', 'reference')
@@ -118,14 +118,15 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None, may_compile: bool
 def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
     """The C++ conv (csrc/mamba_cpu.cpp), forward and backward: one pass each, the SiLU's exp inlined.
 
-    CPU tensors, all fp32 or all fp64; other dtypes, and machines where the kernels cannot be built, run
-    `causal_conv1d_torch` (eagerly if there is no C++ compiler).
+    CPU tensors, all fp32 or all fp64, up to MAX_CONV_TAPS taps; anything else, and machines where the kernels
+    cannot be built, run `causal_conv1d_torch` (eagerly if there is no C++ compiler).
     """
     if x.device.type != 'cpu':
         raise RuntimeError(f"conv backend 'cpu_kernel' runs on CPU tensors only, got {x.device.type}; "
                            f"use 'auto', 'torch' or 'causal_conv1d' on this device")
     dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
-    if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64} or not cpu_kernels_available():
+    if (len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64} or weight.shape[-1] > MAX_CONV_TAPS
+            or not cpu_kernels_available()):
         return causal_conv1d_torch(x, weight, bias, activation, may_compile=CPU_KERNELS.compiler_found)
     return causal_conv1d_fwd(x.permute(2, 0, 1), weight, bias, _is_silu(activation)).permute(1, 2, 0)
 

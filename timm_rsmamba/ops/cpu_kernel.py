@@ -32,6 +32,7 @@ from torch import Tensor
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'mamba_cpu.cpp'
 ISA_ENV_VAR = 'RSMAMBA_CPU_ISA'
+MAX_CONV_TAPS = 8  # kMaxTaps of the source: the conv backward keeps one register per tap
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,16 @@ class Isa:
     adjoint_group: int
 
 
-# Register blocking measured per ISA on a 2-core Xeon (Sapphire Rapids), see docs/performance-cpu.md. The
-# adjoint pass keeps two vectors per state (the state gradient and the dA sum), hence its smaller groups.
+# Register blocking per ISA, measured on a 2-core Xeon (Sapphire Rapids) with the AVX-512 and the AVX2 build
+# (docs/performance-cpu.md): all 16 states in registers for the forward and the re-computation, even on
+# AVX2, whose 16 registers then spill a few (cheaper than re-reading delta, delta u and y per group of 8:
+# 10% faster); 8 states per pass in the adjoint, which keeps two vectors per state (9% faster than 16).
 ISAS: Dict[str, Isa] = {
     'avx512': Isa(('-mavx512f', '-mavx512dq', '-mavx512vl', '-mavx512bw', '-mavx2', '-mfma'),
                   ('avx512f', 'avx512dq', 'avx512vl', 'avx512bw', 'avx2', 'fma'), 64, 16, 8),
-    'avx2': Isa(('-mavx2', '-mfma'), ('avx2', 'fma'), 32, 8, 4),
+    'avx2': Isa(('-mavx2', '-mfma'), ('avx2', 'fma'), 32, 16, 8),
     'neon': Isa((), (), 16, 16, 8),  # every aarch64 CPU has NEON (32 vector registers)
-    'generic': Isa((), (), 16, 8, 4),  # what the compiler makes of 16-byte vectors (SSE2 on x86-64: 16 registers)
+    'generic': Isa((), (), 16, 16, 8),  # what the compiler makes of 16-byte vectors (SSE2 on x86-64)
 }
 
 
@@ -187,6 +190,15 @@ _ENTRY_POINTS = {'rsm_scan_forward': _ScanArgs, 'rsm_scan_backward': _ScanArgs,
                  'rsm_conv_forward': _ConvArgs, 'rsm_conv_backward': _ConvArgs}
 
 
+def _openmp_entry() -> Optional[int]:
+    """GOMP_parallel of the OpenMP runtime torch runs its threads with, if it is loaded; the kernels then run
+    on those threads instead of starting their own, which would compete with them for the cores."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
+
+
 class _CpuKernels:
     """The loaded library, built on first use; ``error`` says why there is none (then ``load`` is None)."""
 
@@ -215,6 +227,8 @@ class _CpuKernels:
                         fn = getattr(library, f'{name}_{dtype}')
                         fn.argtypes, fn.restype = [ctypes.POINTER(args)], ctypes.c_int
                 library.rsm_build_info.restype = ctypes.c_char_p
+                library.rsm_use_openmp.argtypes = [ctypes.c_void_p]
+                library.rsm_use_openmp(_openmp_entry())
             except Exception as e:  # a build failure must never break the model: pure PyTorch runs instead
                 self.error = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
                 warnings.warn(f"timm_rsmamba: building the C++ CPU kernels ({_SOURCE.name}) failed ({self.error}); "
@@ -387,6 +401,8 @@ def _conv_inputs(x, weight, bias):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f'causal_conv1d: want x (L, batch, dim) and weight (dim, taps); got x {tuple(x.shape)}, '
                          f'weight {tuple(weight.shape)}')
+    if weight.shape[1] > MAX_CONV_TAPS:
+        raise ValueError(f'causal_conv1d: at most {MAX_CONV_TAPS} taps, got {weight.shape[1]}')
     _check_dtypes('causal_conv1d', x, weight, bias)
     return _unit_last_stride(x), weight, None if bias is None else bias.contiguous()
 

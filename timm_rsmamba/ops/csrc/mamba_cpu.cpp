@@ -29,7 +29,11 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef RSM_VEC_BYTES
 #define RSM_VEC_BYTES 16
@@ -87,7 +91,9 @@ constexpr int kLanes = RSM_VEC_BYTES / sizeof(T);
 
 constexpr int kGroup = RSM_STATE_GROUP;
 constexpr int kAdjointGroup = RSM_ADJOINT_GROUP;
-constexpr int kTile = 32;  // forward positions per tile: its delta, delta u and output stay in L1
+constexpr int kTile = 32;  // scan forward positions per tile: its rows for all blocks of an item stay in L2
+constexpr int kConvTile = 32;
+constexpr int kMaxTaps = 8;  // conv backward positions per work item: it re-computes 3 more (the taps - 1)
 
 template <typename V, typename T>
 inline V splat(T x) {
@@ -115,65 +121,79 @@ inline void add_to(T* p, Vec<T> v, int lanes) {
 // ---- float32 math: inlined polynomials -------------------------------------------------------------------
 
 // 2^x = 2^k 2^f, x = k + f with k an integer and |f| <= 1/2. Adding 1.5 * 2^23 + 127 rounds x to k and
-// leaves k + 127 in the low mantissa bits, so shifting them into the exponent field builds 2^k with no
-// float-to-int conversion; 2^f is a degree-5 polynomial fitted for relative error (Lawson iterations on
-// [-1/2, 1/2]): within 2.5e-7 of 2^f after float rounding. Results below 2^-125 flush to 0 (no denormals).
+// leaves k + 127 in the low mantissa bits; 2^f is a degree-5 polynomial fitted for relative error (Lawson
+// iterations on [-1/2, 1/2]): within 2.5e-7 of 2^f after float rounding. x = a b: with -ffp-contract=fast
+// both uses of a b fuse into FMAs, so the fraction is exact.
 constexpr float kShift = 12582912.0f + 127.0f;
 constexpr float kLog2e = 1.44269504088896341f;
 
-inline vfloat pow2_times(vfloat t, vfloat f) {
+// 2^(a b). kGuarded: any a b; below -125.5 the result is 0 (no denormals), above 127.5 +inf. Unguarded, the
+// caller guarantees -125.5 <= a b <= 127.5, two to three instructions fewer: the decays of a tile whose
+// deltas keep delta A in range (`decays_in_range`), nearly all of them.
+template <bool kGuarded>
+inline vfloat pow2_of_product(vfloat a, vfloat b) {
+  const vfloat t = a * b + kShift;
+  const vfloat k = t - kShift;
+  const vfloat f = a * b - k;
   vfloat p = f * 0.001327644451521337f + 0.00967553723603487f;
   p = p * f + 0.05550713464617729f;
   p = p * f + 0.24022120237350464f;
   p = p * f + 0.6931469440460205f;
   p = p * f + 1.0000001192092896f;
-  const vfloat r = p * (vfloat)((vint)t << 23);
-  return t < kShift - 125.5f ? vfloat{} : r;
-}
-
-// 2^(a b). Without kMayOverflow the caller guarantees a b <= 127 (the decays: a b <= 0 when A <= 0 and
-// delta >= 0); with it, larger a b give +inf. With -ffp-contract=fast both uses of a b fuse into FMAs, so
-// the fraction is exact.
-template <bool kMayOverflow>
-inline vfloat pow2_of_product(vfloat a, vfloat b) {
-  const vfloat t = a * b + kShift;
-  const vfloat f = a * b - (t - kShift);
-  const vfloat r = pow2_times(t, f);
-  if constexpr (kMayOverflow) {
-    return t > kShift + 127.5f ? splat<vfloat>(__builtin_inff()) : r;
-  } else {
-    return r;
+#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
+  // vscalefps: p 2^k in one instruction, zeroed (masked) below the range
+  if constexpr (kGuarded) {
+    const __mmask16 normal = _mm512_cmp_ps_mask((__m512)k, _mm512_set1_ps(-125.5f), _CMP_GE_OQ);
+    const vfloat r = (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, (__m512)k);
+    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r;
   }
+  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)k);
+#else
+  const vfloat r = p * (vfloat)((vint)t << 23);  // k + 127 shifted into the exponent field: 2^k p
+  if constexpr (kGuarded) {
+    const vfloat r_low = k < -125.5f ? vfloat{} : r;
+    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
+  }
+  return r;
+#endif
 }
 
-inline vfloat vexp(vfloat x) { return pow2_of_product<true>(x, splat<vfloat>(kLog2e)); }
-
-// log(1 + w) for w in [0, 1]: 2 atanh(s) with s = w / (2 + w) <= 1/3, its odd series to s^13 (error < 1e-8).
+// log(1 + w) for w in [0, 1]: w q(w), q a degree-8 polynomial fitted for relative error (Lawson iterations):
+// within 3e-8 of log1p, 2.5e-7 after float rounding. No division, unlike the atanh series.
 inline vfloat vlog1p_unit(vfloat w) {
-  const vfloat s = w / (w + 2.0f);
-  const vfloat s2 = s * s;
-  vfloat q = s2 * (1.0f / 13) + (1.0f / 11);
-  q = q * s2 + (1.0f / 9);
-  q = q * s2 + (1.0f / 7);
-  q = q * s2 + (1.0f / 5);
-  q = q * s2 + (1.0f / 3);
-  const vfloat two_s = s + s;
-  return two_s + two_s * (q * s2);
+  vfloat q = w * 0.005232599098235369f - 0.029504867270588875f;
+  q = q * w + 0.07822536677122116f;
+  q = q * w - 0.13663198053836823f;
+  q = q * w + 0.19105985760688782f;
+  q = q * w - 0.2484297752380371f;
+  q = q * w + 0.3331909477710724f;
+  q = q * w - 0.4999949336051941f;
+  q = q * w + 0.9999999403953552f;
+  return w * q;
+}
+
+// exp(-|x|), in (0, 1]. Below -87 (-125.5 in log2) it stays at exp(-87) ~ 2e-38 instead of going to 0:
+// the same to softplus and sigmoid within float precision, and the unguarded 2^x needs no test.
+inline vfloat vexp_neg_abs(vfloat x) {
+  const vfloat neg_abs = x < vfloat{} ? x : -x;
+  const vfloat clamped = neg_abs < -87.0f ? splat<vfloat>(-87.0f) : neg_abs;  // NaN stays NaN
+  return pow2_of_product<false>(clamped, splat<vfloat>(kLog2e));
+}
+
+// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, else e / (1 + e); nothing overflows.
+inline vfloat vsigmoid_from(vfloat x, vfloat e) {
+  const vfloat r = 1.0f / (1.0f + e);
+  return x < vfloat{} ? e * r : r;
 }
 
 // softplus(x) = max(x, 0) + log1p(exp(-|x|)) and, from the same exp, its derivative sigmoid(x). NaN stays NaN.
 inline vfloat vsoftplus(vfloat x, vfloat* sigmoid = nullptr) {
-  const vfloat zero = {};
-  const vfloat neg_abs = x < zero ? x : -x;
-  const vfloat w = pow2_of_product<false>(neg_abs, splat<vfloat>(kLog2e));
-  if (sigmoid) {
-    const vfloat r = 1.0f / (1.0f + w);
-    *sigmoid = x < zero ? w * r : r;
-  }
-  return (x <= zero ? zero : x) + vlog1p_unit(w);
+  const vfloat e = vexp_neg_abs(x);
+  if (sigmoid) *sigmoid = vsigmoid_from(x, e);
+  return (x <= vfloat{} ? vfloat{} : x) + vlog1p_unit(e);
 }
 
-inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vfloat vsigmoid(vfloat x) { return vsigmoid_from(x, vexp_neg_abs(x)); }
 
 // ---- float64 math: libm, lane by lane (gradcheck runs the kernels' own loops in float64) --------------------
 
@@ -183,7 +203,7 @@ inline vdouble lanewise(vdouble x, F f) {
   return x;
 }
 
-template <bool kMayOverflow>
+template <bool kGuarded>
 inline vdouble pow2_of_product(vdouble a, vdouble b) {
   return lanewise(a * b, [](double v) { return std::exp2(v); });
 }
@@ -211,20 +231,45 @@ inline V vsilu_grad(V z) {
 
 // ---- threads ---------------------------------------------------------------------------------------------
 
+// libgomp's entry point for a parallel region (GCC's OpenMP ABI, also exported by LLVM's and Intel's
+// runtimes). The loader hands over the one torch runs its own threads with, if the process has one: its
+// workers spin for a while after each of torch's ops, and threads of our own would share the cores with
+// them (a scan right after a matmul took 30% longer).
+typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+std::atomic<GompParallel> gomp_parallel{nullptr};
+
+template <typename F>
+struct ParallelLoop {
+  const F& fn;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> threads{0};
+  void work(int thread) {
+    for (int64_t i = next++; i < items; i = next++) fn(i, thread);
+  }
+  static void region(void* self) {
+    auto* loop = static_cast<ParallelLoop*>(self);
+    loop->work(loop->threads++);
+  }
+};
+
 // Runs fn(item, thread) for every item on up to `threads` threads (this one included), items handed out in
-// order as threads become free.
+// order as threads become free; fn must not throw.
 template <typename F>
 void parallel_for(int64_t items, int64_t threads, const F& fn) {
   const int n = static_cast<int>(std::max<int64_t>(1, std::min(threads, items)));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int thread) {
-    for (int64_t i = next++; i < items; i = next++) fn(i, thread);
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(n - 1);
-  for (int t = 1; t < n; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& t : pool) t.join();
+  ParallelLoop<F> loop{fn, items};
+  if (n == 1) {
+    loop.work(0);
+  } else if (GompParallel region = gomp_parallel.load()) {
+    region(&ParallelLoop<F>::region, &loop, static_cast<unsigned>(n), 0);
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(n - 1);
+    for (int t = 1; t < n; ++t) pool.emplace_back([&loop, t] { loop.work(t); });
+    loop.work(0);
+    for (auto& t : pool) t.join();
+  }
 }
 
 // Per-thread partial sums of a parameter gradient, added into `out` (zero-filled first) at the end.
@@ -250,7 +295,7 @@ struct Scan {
   std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
   int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, dout_t, dout_b;
   int64_t length, batch, dim, n, chunk_len, threads, blocks, plane;
-  bool softplus, may_overflow;
+  bool softplus, decays_at_most_one;
 
   explicit Scan(const rsm_scan_args& a)
       : u(static_cast<const T*>(a.u)), delta(static_cast<const T*>(a.delta)), z(static_cast<const T*>(a.z)),
@@ -271,8 +316,8 @@ struct Scan {
         a_max = std::max(a_max, v);
       }
     }
-    // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) no decay can overflow
-    may_overflow = !softplus || !(a_max <= 0);
+    // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) delta A <= 0
+    decays_at_most_one = softplus && a_max <= 0;
   }
 };
 
@@ -335,6 +380,11 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
     const int64_t t = t0 + i;
     for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
       constexpr bool kFull = decltype(full)::value;
+      if (t + tl < p.length) {  // the next tile's rows reach the cache while this tile's states run
+        __builtin_prefetch(p.delta + (t + tl) * p.delta_t + b * p.delta_b + d0);
+        __builtin_prefetch(p.u + (t + tl) * p.u_t + b * p.u_b + d0);
+        if (p.z) __builtin_prefetch(p.z + (t + tl) * p.z_t + b * p.z_b + d0);
+      }
       V pre = load<kFull>(p.delta + t * p.delta_t + b * p.delta_b + d0, lanes);
       if (p.bias) pre = pre + load<kFull>(p.bias + d0, lanes);
       V sig = {};
@@ -356,11 +406,29 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
   }
 }
 
+// Whether every decay of block k over the tile's tl positions is in pow2_of_product's unguarded range:
+// delta A <= 0 everywhere, and the tile's largest delta times the block's most negative A log2(e) >= -125.
+template <typename T>
+bool decays_in_range(const Scan<T>& p, const Rows<T>& r, int64_t k, int tl, Vec<T> a2_min) {
+  typedef Vec<T> V;
+  if (!p.decays_at_most_one) return false;
+  V most = r.deltas[r.at(0, k)];
+  for (int i = 1; i < tl; ++i) {
+    const V dl = r.deltas[r.at(i, k)];
+    most = dl > most ? dl : most;
+  }
+  const V x = most * a2_min;
+  for (int l = 0; l < kLanes<T>; ++l) {
+    if (!(x[l] >= -125)) return false;
+  }
+  return true;
+}
+
 // One group of states [s0, s0 + count) of block k over positions t0 .. t0 + tl: h = decay h + drive B and
 // y += <h, C>, with the group's states in registers. kCount: the count at compile time (the states unrolled),
-// or 0 for a tail group. Saves the states at chunk starts (forward), or keeps every state and decay for the
-// adjoint pass and sums dC_t += dy_t h_t (re-computation in the backward: `hs`, `decays`, `dC` not null).
-template <typename T, int kCount, bool kFull, bool kMayOverflow>
+// or 0 for a tail group. Saves the states at chunk starts (forward: `starts` not null), or with kKeep keeps
+// every state and decay for the adjoint pass and sums dC_t += dy_t h_t (re-computation in the backward).
+template <typename T, int kCount, bool kFull, bool kGuarded, bool kKeep>
 void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl, int s0,
                     int count, Vec<T>* state, const Vec<T>* a2, Rows<T>& r, T* starts, Vec<T>* hs,
                     Vec<T>* decays, Vec<T>* dC) {
@@ -382,9 +450,9 @@ void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
     V y_even = {}, y_odd = {};  // two sums: half the readout's dependency chain
 #pragma GCC unroll 16
     for (int s = 0; s < m; ++s) {
-      const V decay = pow2_of_product<kMayOverflow>(dl, a2[s0 + s]);
+      const V decay = pow2_of_product<kGuarded>(dl, a2[s0 + s]);
       h[s] = decay * h[s] + drive * Bt[s];
-      if (hs) {
+      if constexpr (kKeep) {
         decays[i * n + s0 + s] = decay;
         hs[(i + 1) * n + s0 + s] = h[s];
         dC[i * n + s0 + s] = dC[i * n + s0 + s] + r.dys[at] * h[s];
@@ -400,15 +468,44 @@ void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
   for (int s = 0; s < m; ++s) state[s0 + s] = h[s];
 }
 
-// The scratch of one forward work item: per block of the item its A2 and its states between tiles.
+// All states of block k over the tile, group by group; the unguarded decays where they are in range (float32;
+// float64's libm needs no guard).
+template <typename T, bool kFull, bool kKeep>
+void block_states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl,
+                          Vec<T>* state, const Vec<T>* a2, Vec<T> a2_min, Rows<T>& r, T* starts, Vec<T>* hs,
+                          Vec<T>* decays, Vec<T>* dC) {
+  const bool in_range = std::is_same<T, float>::value && decays_in_range(p, r, k, tl, a2_min);
+  for_each_group<kGroup>(static_cast<int>(p.n), [&](auto count, int s0, int m) {
+    constexpr int kCount = decltype(count)::value;
+    if (kCount && in_range) {
+      states_forward<T, kCount, kFull, false, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
+                                                     decays, dC);
+    } else {
+      states_forward<T, kCount, kFull, true, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
+                                                    decays, dC);
+    }
+  });
+}
+
+// The smallest A log2(e) over the states of each lane of a block.
+template <typename T>
+Vec<T> smallest(const Vec<T>* a2, int64_t n) {
+  Vec<T> m = a2[0];
+  for (int64_t s = 1; s < n; ++s) m = a2[s] < m ? a2[s] : m;
+  return m;
+}
+
+// The scratch of one forward work item: per block of the item its A2, the smallest of those, and its states
+// between tiles.
 template <typename T>
 struct ForwardScratch {
-  std::vector<Vec<T>> a2, state;
+  std::vector<Vec<T>> a2, a2_min, state;
   Rows<T> rows;
-  ForwardScratch(int64_t n, int64_t blocks) : a2(blocks * n), state(blocks * n), rows(kTile, blocks, false) {}
+  ForwardScratch(int64_t n, int64_t blocks)
+      : a2(blocks * n), a2_min(blocks), state(blocks * n), rows(kTile, blocks, false) {}
 };
 
-template <typename T, bool kMayOverflow>
+template <typename T>
 void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
   typedef Vec<T> V;
   const int64_t n = p.n;
@@ -422,16 +519,15 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
         w.a2[k * n + s] = load<decltype(full)::value>(p.A2.data() + s * p.dim + d0, lanes);
         w.state[k * n + s] = V{};
       }
+      w.a2_min[k] = smallest<T>(w.a2.data() + k * n, n);
     });
     for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
       const int tl = static_cast<int>(std::min<int64_t>(kTile, p.length - t0));
       prologue<T, false>(p, b, k0, k1, t0, tl, w.rows);
       for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
-        for_each_group<kGroup>(static_cast<int>(n), [&](auto count, int s0, int m) {
-          states_forward<T, decltype(count)::value, decltype(full)::value, kMayOverflow>(
-              p, b, d0, lanes, k, t0, tl, s0, m, w.state.data() + k * n, w.a2.data() + k * n, w.rows, starts,
-              nullptr, nullptr, nullptr);
-        });
+        block_states_forward<T, decltype(full)::value, false>(p, b, d0, lanes, k, t0, tl, w.state.data() + k * n,
+                                                              w.a2.data() + k * n, w.a2_min[k], w.rows, starts,
+                                                              nullptr, nullptr, nullptr);
       });
       for (int i = 0; i < tl; ++i) {  // epilogue: out = y silu(z)
         const int64_t t = t0 + i;
@@ -501,16 +597,16 @@ void states_adjoint(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
 // state gradient carried to the chunk before.
 template <typename T>
 struct BackwardScratch {
-  std::vector<Vec<T>> hs, decays, dB, dC, state, a, a2, carry;
+  std::vector<Vec<T>> hs, decays, dB, dC, state, a, a2, a2_min, carry;
   Rows<T> rows;
   BackwardScratch(int64_t n, int64_t chunk_len, int64_t blocks)
       : hs((chunk_len + 1) * n), decays(chunk_len * n), dB(chunk_len * n), dC(chunk_len * n), state(n),
-        a(blocks * n), a2(blocks * n), carry(blocks * n), rows(chunk_len, blocks, true) {}
+        a(blocks * n), a2(blocks * n), a2_min(blocks), carry(blocks * n), rows(chunk_len, blocks, true) {}
 };
 
 // One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
 // then, position by position, du, d(delta), dz and the sums for dD and d(delta_bias).
-template <typename T, bool kMayOverflow>
+template <typename T>
 void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int cl, BackwardScratch<T>& w,
                     const T* starts, T* du, T* ddelta, T* dz, T* dA, T* dD, T* dbias) {
   typedef Vec<T> V;
@@ -522,11 +618,8 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
     constexpr bool kFull = decltype(full)::value;
     const T* start = starts + (t0 / p.chunk_len) * n * p.plane + b * p.dim + d0;
     for (int64_t s = 0; s < n; ++s) w.state[s] = w.hs[s] = load<kFull>(start + s * p.plane, lanes);
-    for_each_group<kGroup>(ni, [&](auto count, int s0, int m) {
-      states_forward<T, decltype(count)::value, kFull, kMayOverflow>(
-          p, b, d0, lanes, k, t0, cl, s0, m, w.state.data(), w.a2.data() + k * n, r, nullptr, w.hs.data(),
-          w.decays.data(), w.dC.data());
-    });
+    block_states_forward<T, kFull, true>(p, b, d0, lanes, k, t0, cl, w.state.data(), w.a2.data() + k * n,
+                                         w.a2_min[k], r, nullptr, w.hs.data(), w.decays.data(), w.dC.data());
     for_each_group<kAdjointGroup>(ni, [&](auto count, int s0, int m) {
       states_adjoint<T, decltype(count)::value, kFull>(p, b, d0, lanes, k, t0, cl, s0, m, w.carry.data() + k * n,
                                                        w.a.data() + k * n, w.hs.data(), w.decays.data(),
@@ -556,7 +649,7 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
   }
 }
 
-template <typename T, bool kMayOverflow>
+template <typename T>
 void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T* dA_out, T* dB_out, T* dC_out,
                    T* dD_out, T* dbias_out) {
   typedef Vec<T> V;
@@ -578,6 +671,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
         // the last state's gradient is the carry into the last position
         w.carry[k * n + s] = p.dlast ? load<kFull>(p.dlast + s * p.plane + b * p.dim + d0, lanes) : V{};
       }
+      w.a2_min[k] = smallest<T>(w.a2.data() + k * n, n);
     });
     T* dB = items.groups > 1 ? dB_parts.data() + group * rows : dB_out;
     T* dC = items.groups > 1 ? dC_parts.data() + group * rows : dC_out;
@@ -586,7 +680,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
       std::fill(w.dB.begin(), w.dB.begin() + cl * n, V{});
       std::fill(w.dC.begin(), w.dC.begin() + cl * n, V{});
-      backward_chunk<T, kMayOverflow>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(thread), dD.of(thread),
+      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(thread), dD.of(thread),
                                       dbias.of(thread));
       for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
         for (int64_t s = 0; s < n; ++s) {
@@ -672,52 +766,62 @@ void conv_forward(const Conv<T>& p, T* out) {
   });
 }
 
-// One (sequence, block) over all positions: dL/d(pre-activation) into `grads`, then
-// dx_t = sum_k weight_k dpre_{t + (K-1) - k}, dweight_k += dpre_t x_{t - (K-1) + k}, dbias += dpre_t.
-template <typename T, bool kFull>
-void conv_backward_block(const Conv<T>& p, int64_t b, int64_t d0, int lanes, Vec<T>* grads, T* dx, T* dweight,
-                         T* dbias) {
+// Calls row(std::true_type if the block is full else std::false_type, first channel, lanes) for every block
+// of a row of dim channels.
+template <typename T, typename F>
+void for_each_row_block(int64_t dim, const F& row) {
+  for_each_block<T>(dim, 0, (dim + kLanes<T> - 1) / kLanes<T>, [&](auto full, int64_t, int64_t d0, int lanes) {
+    row(full, d0, lanes);
+  });
+}
+
+// One tile of positions t0 .. t0 + kConvTile: dL/d(pre-activation) of the tile and the taps - 1 positions
+// after it (re-computed from x, row by row), then dx_t = sum_k weight_k dpre_{t + (K-1) - k},
+// dweight_k += dpre_t x_{t - (K-1) + k} and dbias += dpre_t over the tile, also row by row.
+template <typename T>
+void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* dweight, T* dbias) {
   typedef Vec<T> V;
-  const T* xb = p.x + b * p.x_b;
-  V dbias_sum = {};
-  for (int64_t t = 0; t < p.length; ++t) {
-    V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
-    if (p.silu) g = g * vsilu_grad(p.template pre_activation<kFull>(t, b, d0, lanes));
-    grads[t] = g;
-    dbias_sum = dbias_sum + g;
-  }
-  for (int64_t k = 0; k < p.taps; ++k) {
-    const int64_t shift = p.taps - 1 - k;
-    V dw = {};
-    for (int64_t t = shift; t < p.length; ++t) dw = dw + grads[t] * load<kFull>(xb + (t - shift) * p.x_t + d0, lanes);
-    add_to<kFull>(dweight + k * p.dim + d0, dw, lanes);
-  }
-  for (int64_t t = 0; t < p.length; ++t) {
-    V acc = {};
-    for (int64_t k = 0; k < p.taps; ++k) {
-      const int64_t src = t + (p.taps - 1 - k);
-      if (src < p.length) acc = acc + load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes) * grads[src];
+  const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>;
+  const int64_t t1 = std::min(p.length, t0 + kConvTile), window = std::min(p.length, t1 + p.taps - 1);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t t = t0; t < window; ++t) {
+      for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+        constexpr bool kFull = decltype(full)::value;
+        V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
+        if (p.silu) g = g * vsilu_grad(p.template pre_activation<kFull>(t, b, d0, lanes));
+        grads[(t - t0) * blocks + d0 / kLanes<T>] = g;
+      });
     }
-    store<kFull>(dx + (t * p.batch + b) * p.dim + d0, acc, lanes);
+    const T* xb = p.x + b * p.x_b;
+    for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      const V* g = grads + d0 / kLanes<T>;
+      V dw[kMaxTaps] = {}, db = {};
+      for (int64_t t = t0; t < t1; ++t) {
+        const V gt = g[(t - t0) * blocks];
+        V acc = {};
+        for (int64_t k = 0; k < p.taps; ++k) {
+          const int64_t src = t + (p.taps - 1 - k), back = t - (p.taps - 1 - k);
+          if (src < p.length) acc = acc + load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes) * g[(src - t0) * blocks];
+          if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(xb + back * p.x_t + d0, lanes);
+        }
+        store<kFull>(dx + (t * p.batch + b) * p.dim + d0, acc, lanes);
+        db = db + gt;
+      }
+      for (int64_t k = 0; k < p.taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
+      add_to<kFull>(dbias + d0, db, lanes);
+    });
   }
-  add_to<kFull>(dbias + d0, dbias_sum, lanes);
 }
 
 template <typename T>
 void conv_backward(const Conv<T>& p, T* dx, T* dweight_out, T* dbias_out) {
-  const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>;
-  const int64_t threads = std::max<int64_t>(1, std::min(p.threads, p.batch * blocks));
+  const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>, tiles = (p.length + kConvTile - 1) / kConvTile;
+  const int64_t threads = std::max<int64_t>(1, std::min(p.threads, tiles));
   Partials<T> dweight(threads, p.taps * p.dim), dbias(threads, p.dim);
-  std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>(p.length));
-  parallel_for(p.batch * blocks, threads, [&](int64_t item, int thread) {
-    const int64_t b = item / blocks, d0 = item % blocks * kLanes<T>;
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes<T>, p.dim - d0));
-    if (lanes == kLanes<T>) {
-      conv_backward_block<T, true>(p, b, d0, lanes, grads[thread].data(), dx, dweight.of(thread), dbias.of(thread));
-    } else {
-      conv_backward_block<T, false>(p, b, d0, lanes, grads[thread].data(), dx, dweight.of(thread),
-                                    dbias.of(thread));
-    }
+  std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>((kConvTile + p.taps - 1) * blocks));
+  parallel_for(tiles, threads, [&](int64_t tile, int thread) {
+    conv_backward_tile(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(thread), dbias.of(thread));
   });
   std::vector<T> dweight_t(p.taps * p.dim);
   dweight.sum_into(dweight_t.data());
@@ -743,32 +847,16 @@ int guarded(const F& f) {
 template <typename T>
 int scan_forward_entry(const rsm_scan_args* a) {
   return guarded([&] {
-    const Scan<T> p(*a);
-    T *out = static_cast<T*>(a->out), *starts = static_cast<T*>(a->starts), *last = static_cast<T*>(a->last);
-    if (p.may_overflow) {
-      scan_forward<T, true>(p, out, starts, last);
-    } else {
-      scan_forward<T, false>(p, out, starts, last);
-    }
+    scan_forward(Scan<T>(*a), static_cast<T*>(a->out), static_cast<T*>(a->starts), static_cast<T*>(a->last));
   });
 }
 
 template <typename T>
 int scan_backward_entry(const rsm_scan_args* a) {
   return guarded([&] {
-    const Scan<T> p(*a);
-    const T* starts = static_cast<const T*>(a->starts);
-    auto run = [&](auto may_overflow) {
-      scan_backward<T, decltype(may_overflow)::value>(
-          p, starts, static_cast<T*>(a->du), static_cast<T*>(a->ddelta), static_cast<T*>(a->dz),
-          static_cast<T*>(a->dA), static_cast<T*>(a->dB), static_cast<T*>(a->dC), static_cast<T*>(a->dD),
-          static_cast<T*>(a->ddelta_bias));
-    };
-    if (p.may_overflow) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+    scan_backward(Scan<T>(*a), static_cast<const T*>(a->starts), static_cast<T*>(a->du), static_cast<T*>(a->ddelta),
+                  static_cast<T*>(a->dz), static_cast<T*>(a->dA), static_cast<T*>(a->dB), static_cast<T*>(a->dC),
+                  static_cast<T*>(a->dD), static_cast<T*>(a->ddelta_bias));
   });
 }
 
@@ -787,6 +875,9 @@ int conv_backward_entry(const rsm_conv_args* a) {
 }  // namespace
 
 extern "C" {
+
+// Run parallel loops on this OpenMP runtime's threads (GOMP_parallel's address; null: std::threads).
+void rsm_use_openmp(void* gomp_parallel_fn) { gomp_parallel = reinterpret_cast<GompParallel>(gomp_parallel_fn); }
 
 // What this build is: vector width and register blocking, for the loader's checks and the benchmarks.
 const char* rsm_build_info() {
