@@ -97,6 +97,31 @@ def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, opts):
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_kernel_last_state_is_differentiable():
+    """A loss on the last state as well as the output: its gradient enters the C++ backward as the carry into the
+    last position."""
+    x = make_inputs(2, 20, 37, 16)
+    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    weight = torch.randn(2, 20, 16)
+    for xs, fn in ((xs_ref, selective_scan_reference), (xs_new, selective_scan_cpu_kernel)):
+        y, h = fn(**xs, delta_softplus=True, return_last_state=True)
+        (y.sum() + (h * weight).sum()).backward()
+    for name, t in xs_ref.items():
+        if t is not None:
+            assert ((xs_new[name].grad - t.grad).abs().max() / t.grad.abs().max()) < 1e-4, name
+
+
+def test_cpu_kernel_conv_gradcheck_float64():
+    """float64 gradcheck through the C++ conv's own float64 build."""
+    x = torch.randn(2, 20, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    for activation in (None, 'silu'):
+        assert torch.autograd.gradcheck(lambda *a: causal_conv1d_cpu_kernel(*a, activation), (x, w, b))
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
+
+
 def test_cpu_kernel_inlined_math_over_extreme_inputs():
     """The kernel's own exp, log1p and sigmoid at the ends of their ranges: softplus from -60 to 60 (and none),
     decays that underflow to 0, z that saturates the gate, positive A (growing states); and a NaN propagates."""
@@ -362,9 +387,12 @@ def test_cpu_kernel_causal_conv_matches_reference(activation, L, dim):
 def test_cpu_kernel_conv_refuses_other_devices_and_runs_other_dtypes_in_torch():
     with pytest.raises(RuntimeError, match="conv backend 'cpu_kernel' runs on CPU tensors only, got meta"):
         causal_conv1d(torch.randn(1, 2, 5, device='meta'), torch.randn(2, 4, device='meta'), backend='cpu_kernel')
-    x, w = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    x, w = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 4)  # mixed dtypes: not for the C++ conv
     torch.testing.assert_close(causal_conv1d(x, w, None, 'silu', backend='cpu_kernel'),
-                               causal_conv1d_reference(x, w, None, 'silu'))
+                               causal_conv1d_reference(x, w.double(), None, 'silu'))
+    w9 = torch.randn(3, 9)  # more taps than the C++ backward keeps registers for
+    torch.testing.assert_close(causal_conv1d(x.float(), w9, None, 'silu', backend='cpu_kernel'),
+                               causal_conv1d_reference(x.float(), w9, None, 'silu'))
 
 
 @pytest.mark.parametrize('activation', [None, 'silu'])

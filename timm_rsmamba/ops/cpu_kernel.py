@@ -204,6 +204,7 @@ class _CpuKernels:
 
     def __init__(self):
         self.library: Optional[ctypes.CDLL] = None
+        self.path: Optional[Path] = None
         self.isa: Optional[str] = None
         self.error: Optional[str] = None
         self.compiler_found = True
@@ -221,7 +222,8 @@ class _CpuKernels:
                               f"cxx-compiler); they build on first use in a few seconds.")
                 return None
             try:
-                library = ctypes.CDLL(str(build_library(isa, compiler, _cache_dir())))
+                path = build_library(isa, compiler, _cache_dir())
+                library = ctypes.CDLL(str(path))
                 for name, args in _ENTRY_POINTS.items():
                     for dtype in ('f32', 'f64'):
                         fn = getattr(library, f'{name}_{dtype}')
@@ -234,7 +236,7 @@ class _CpuKernels:
                 warnings.warn(f"timm_rsmamba: building the C++ CPU kernels ({_SOURCE.name}) failed ({self.error}); "
                               f"running the torch.compile'd pure-PyTorch scan and conv instead")
                 return None
-            self.library, self.isa = library, isa
+            self.library, self.path, self.isa = library, path, isa
         return self.library
 
     def build_info(self) -> str:
