@@ -112,6 +112,22 @@ def test_cpu_kernel_last_state_is_differentiable():
             assert ((xs_new[name].grad - t.grad).abs().max() / t.grad.abs().max()) < 1e-4, name
 
 
+def test_cpu_kernel_gradients_repeat_bit_for_bit():
+    """The parameter gradients sum over work items that threads take in any order: the sums must not depend on
+    it (exact resume compares weights bit for bit)."""
+    x = {k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(4, 40, 50, 16).items()}
+    xc, w, b = torch.randn(4, 40, 70, requires_grad=True), torch.randn(40, 4, requires_grad=True), torch.randn(40)
+    weight = torch.randn(4, 40, 50)
+    runs = []
+    for _ in range(6):
+        y = selective_scan_cpu_kernel(**x, delta_softplus=True)
+        params = [x['A'], x['D'], x['delta_bias'], x['B']]
+        conv = causal_conv1d_cpu_kernel(xc, w, b.requires_grad_(), 'silu')
+        runs.append(torch.autograd.grad((y * weight).sum() + conv.square().sum(), params + [w, b]))
+    for run in runs[1:]:
+        assert all(torch.equal(g, g0) for g, g0 in zip(run, runs[0]))
+
+
 def test_cpu_kernel_conv_gradcheck_float64():
     """float64 gradcheck through the C++ conv's own float64 build."""
     x = torch.randn(2, 20, 9, dtype=torch.float64, requires_grad=True)

@@ -272,12 +272,13 @@ void parallel_for(int64_t items, int64_t threads, const F& fn) {
   }
 }
 
-// Per-thread partial sums of a parameter gradient, added into `out` (zero-filled first) at the end.
+// Per-work-item partial sums of a parameter gradient, added into `out` in item order at the end: the same
+// sum whichever thread ran which item, so a run repeats bit for bit (exact resume depends on it).
 template <typename T>
 struct Partials {
   std::vector<std::vector<T>> parts;
-  Partials(int64_t threads, int64_t size) : parts(std::max<int64_t>(1, threads), std::vector<T>(size)) {}
-  T* of(int thread) { return parts[thread].data(); }
+  Partials(int64_t items, int64_t size) : parts(std::max<int64_t>(1, items), std::vector<T>(size)) {}
+  T* of(int64_t item) { return parts[item].data(); }
   void sum_into(T* out) const {
     const size_t size = parts[0].size();
     std::fill(out, out + size, T(0));
@@ -657,7 +658,8 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
   const WorkItems items(p.batch, p.blocks, p.threads);
   // dB, dC: written directly by a sequence's only item, else per-range partials summed at the end
   std::vector<T> dB_parts(items.groups > 1 ? items.groups * rows : 0), dC_parts(dB_parts.size());
-  Partials<T> dA(p.threads, n * p.dim), dD(p.threads, p.dim), dbias(p.threads, p.dim);
+  const int64_t count = items.count(p.batch);
+  Partials<T> dA(count, n * p.dim), dD(count, p.dim), dbias(count, p.dim);
   std::vector<BackwardScratch<T>> scratch(p.threads, BackwardScratch<T>(n, p.chunk_len, items.per_group));
   parallel_for(items.count(p.batch), p.threads, [&](int64_t item, int thread) {
     const int64_t b = item / items.groups, group = item % items.groups;
@@ -680,8 +682,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
       std::fill(w.dB.begin(), w.dB.begin() + cl * n, V{});
       std::fill(w.dC.begin(), w.dC.begin() + cl * n, V{});
-      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(thread), dD.of(thread),
-                                      dbias.of(thread));
+      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(item), dD.of(item), dbias.of(item));
       for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
         for (int64_t s = 0; s < n; ++s) {
           T sum_b = 0, sum_c = 0;
@@ -818,10 +819,10 @@ template <typename T>
 void conv_backward(const Conv<T>& p, T* dx, T* dweight_out, T* dbias_out) {
   const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>, tiles = (p.length + kConvTile - 1) / kConvTile;
   const int64_t threads = std::max<int64_t>(1, std::min(p.threads, tiles));
-  Partials<T> dweight(threads, p.taps * p.dim), dbias(threads, p.dim);
+  Partials<T> dweight(tiles, p.taps * p.dim), dbias(tiles, p.dim);
   std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>((kConvTile + p.taps - 1) * blocks));
   parallel_for(tiles, threads, [&](int64_t tile, int thread) {
-    conv_backward_tile(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(thread), dbias.of(thread));
+    conv_backward_tile(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(tile), dbias.of(tile));
   });
   std::vector<T> dweight_t(p.taps * p.dim);
   dweight.sum_into(dweight_t.data());
