@@ -18,6 +18,8 @@ from timm_rsmamba.ops.compiled import CompiledKernels
 from timm_rsmamba.ops.conv import causal_conv1d_cpu_kernel, causal_conv1d_reference
 from timm_rsmamba.ops.scan import selective_scan_cpu_kernel, selective_scan_reference
 
+from test_ops import _fresh_kernels, make_inputs
+
 AVX2_ONLY = {'avx2', 'fma', 'sse2'}
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -110,13 +112,6 @@ def test_failed_build_says_why_and_leaves_nothing(tmp_path):
     assert not list(cache.glob('*.so'))
 
 
-def _fresh_kernels(monkeypatch):
-    kernels = cpu_kernel._CpuKernels()
-    for module in (cpu_kernel, scan_module, conv_module):
-        monkeypatch.setattr(module, 'CPU_KERNELS', kernels)
-    return kernels
-
-
 def test_cache_shared_with_a_cpu_of_another_isa(monkeypatch, tmp_path):
     """A home directory shared with a machine of a wider ISA: its build is in the cache, but this CPU (here made to
     look AVX2-only) gets a build of its own, and the scan runs on it correctly instead of faulting."""
@@ -130,7 +125,6 @@ def test_cache_shared_with_a_cpu_of_another_isa(monkeypatch, tmp_path):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     _cpu(monkeypatch, AVX2_ONLY)
     kernels = _fresh_kernels(monkeypatch)
-    from test_ops import make_inputs
     x = make_inputs(2, 20, 33, 16)
     torch.testing.assert_close(selective_scan_cpu_kernel(**x, delta_softplus=True),
                                selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
@@ -148,7 +142,6 @@ def test_no_compiler_runs_pure_pytorch_with_one_warning(monkeypatch):
     for module, name in ((scan_module, '_CHUNK_KERNELS'), (conv_module, '_CONV_KERNELS')):
         used = getattr(module, name)  # not compiled yet, whatever ran before
         monkeypatch.setattr(module, name, CompiledKernels(used.owner, used.options, **used.eager))
-    from test_ops import make_inputs
     x = {k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(2, 6, 17, 4).items()}
     xc, w = torch.randn(2, 6, 9, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
