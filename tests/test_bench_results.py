@@ -21,7 +21,8 @@ def _cell(img_s, isa):
 def test_rows_appended_to_the_days_file(tmp_path):
     args = SimpleNamespace(device='cpu', img_size=224, amp='none', results_dir=str(tmp_path))
     results = [
-        dict(spec=dict(model='rsmamba_base', row='ours', note=''), eval=_cell(5.0, 'avx512'), train=_cell(1.5, 'avx512')),
+        dict(spec=dict(model='rsmamba_base', row='ours', note=''), eval=_cell(5.0, 'avx512'),
+             train=_cell(1.5, 'avx512')),
         dict(spec=dict(model='deit_tiny_patch16_224', row='deit_tiny', note=''), eval=_cell(30.0, 'avx512'),
              train=dict(error='timed out')),  # a failed cell writes no row
     ]

@@ -245,9 +245,10 @@ class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan on time-major tensors, chunk by chunk of positions.
 
     Inputs: u, delta_raw, z (L, b, d) (any strides); A (d, n); B, C (L, b, n); D, delta_bias (d,) or None.
-    Forward: one chunk kernel call per chunk. Autograd keeps only the inputs plus the state at each chunk start (state-major, (n, b, d)), not the
-    (L, b, d, n) states: backward re-computes each chunk's states from its start state. ``compiled``: whether
-    the chunk kernels run compiled (else eagerly: problems too small to repay compiling).
+    Forward: one chunk kernel call per chunk. Autograd keeps only the inputs plus the state at each chunk start
+    (state-major, (n, b, d)), not the (L, b, d, n) states: backward re-computes each chunk's states from its
+    start state. ``compiled``: whether the chunk kernels run compiled (else eagerly: problems too small to
+    repay compiling).
     """
 
     @staticmethod

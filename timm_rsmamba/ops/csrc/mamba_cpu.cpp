@@ -803,7 +803,8 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
         V acc = {};
         for (int64_t k = 0; k < p.taps; ++k) {
           const int64_t src = t + (p.taps - 1 - k), back = t - (p.taps - 1 - k);
-          if (src < p.length) acc = acc + load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes) * g[(src - t0) * blocks];
+          const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
+          if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
           if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(xb + back * p.x_t + d0, lanes);
         }
         store<kFull>(dx + (t * p.batch + b) * p.dim + d0, acc, lanes);
