@@ -24,6 +24,12 @@ Every (row, mode) runs in its own child process (this script with --single-row),
 (getrusage ru_maxrss of the child) and the peak CUDA memory belong to that row alone; a child whose
 RSS passes --rss-limit-gb is stopped and its cell says so.
 Eval = inference_mode forward; train step = forward + cross-entropy + backward + AdamW step.
+Each row records the ISA its CPU code ran with: the one the C++ kernels were built for where they ran
+(RSMAMBA_CPU_ISA picks a narrower one), else torch's CPU capability (ATEN_CPU_CAPABILITY).
+
+Besides the table, every run appends its rows to benchmarks/results/<date>-<device>.json (--results-dir),
+one object per row and mode: device, date, commit, model, row, backend, mode, batch_size, img_size, amp,
+img_per_s, ms_per_img, peak_gb, isa, threads.
 
     python benchmarks/bench_throughput.py                      # CPU, rsmamba_base, 224 px, batch 8, fp32
     python benchmarks/bench_throughput.py --device cuda --amp bf16 --batch-size 128 --models rsmamba_base
@@ -46,6 +52,13 @@ from timm_rsmamba.malloc import (  # noqa: E402
     LEAN_TUNABLES, MALLOC_CHOICES, MALLOC_HELP, configure_malloc, resolve_malloc)
 
 PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16_224', 'resnet50': 'resnet50'}
+# rows that only force backends; the others (ours_ckpt, reference, original) are set up in row_spec
+BACKEND_ROWS = {
+    'ours': {},
+    'compiled': dict(scan_backend='compiled', conv_backend='torch'),
+    'chunked': dict(scan_backend='chunked', conv_backend='torch'),
+    'floor': dict(scan_backend='identity'),
+}
 RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
@@ -66,13 +79,13 @@ def row_spec(row: str, model: str, args) -> dict:
     if row in PEERS:
         spec['model'] = PEERS[row]
         return spec
-    if row == 'ours_ckpt':
+    if row in BACKEND_ROWS:
+        spec['kwargs'] = dict(BACKEND_ROWS[row])
+    elif row == 'ours_ckpt':
         spec['ckpt'] = True
         if resolve_malloc(args.malloc, memory_first=True) == 'lean':  # as train.py restarts itself
             spec['train_env'] = {'GLIBC_TUNABLES': LEAN_TUNABLES}
             spec['note'] = f'train with GLIBC_TUNABLES={LEAN_TUNABLES} (--malloc {args.malloc})'
-    elif row in ('compiled', 'chunked'):
-        spec['kwargs'] = dict(scan_backend=row, conv_backend='torch')
     elif row == 'original':
         spec['kwargs'] = dict(scan_backend='original_fallback', conv_backend='torch')
         spec['original_blocks'] = True
@@ -88,8 +101,6 @@ def row_spec(row: str, model: str, args) -> dict:
             # with checkpointing (20 GB+ for rsmamba_base); a fixed mmap threshold returns them to the OS
             spec['train_env'] = {'MALLOC_MMAP_THRESHOLD_': '65536'}
             spec['note'] += ', train with MALLOC_MMAP_THRESHOLD_=65536'
-    elif row == 'floor':
-        spec['kwargs'] = dict(scan_backend='identity')
     spec['batch_size'] = args.row_batch.get(row, spec['batch_size'])
     return spec
 
@@ -115,6 +126,15 @@ def _build(spec, args):
     if spec['model'].startswith('rsmamba'):
         backend = '/'.join(model.blocks[0].mixer.backend_names(torch.device(args.device)))
     return model, backend
+
+
+def _row_isa() -> str:
+    """The ISA of the C++ CPU kernels if this process ran them, else torch's CPU capability."""
+    import torch
+    from timm_rsmamba.ops.cpu_kernel import CPU_KERNELS
+    if CPU_KERNELS.library is not None:
+        return CPU_KERNELS.isa
+    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 def _sync(device):
@@ -175,7 +195,7 @@ def run_single(spec, mode, args) -> dict:
     seconds = (time.perf_counter() - start) / spec['steps']
     result = dict(img_s=bs / seconds, ms_img=1e3 * seconds / bs, batch_size=bs, backend=backend,
                   rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), isa=_row_isa())
     if device_type == 'cuda':
         result['cuda_gb'] = torch.cuda.max_memory_allocated() / 1e9
     return result
@@ -185,20 +205,33 @@ def run_single(spec, mode, args) -> dict:
 # parent: machine header, children, table, ratios
 
 
-def machine_lines(args) -> list:
-    import torch
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
             names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
+        if names:
+            return names[0]
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(args) -> str:
+    import torch
+    return torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else cpu_name()
+
+
+def machine_lines(args) -> list:
+    import torch
+    from timm_rsmamba.ops.cpu_kernel import select_isa, supported_isas
+    cpu = cpu_name()
     threads = args.threads or torch.get_num_threads()
     lines = [
         f'date: {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}',
         f'machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), '
         f'python {platform.python_version()}',
+        f'ISA: this CPU runs {"/".join(supported_isas())}; C++ kernels for {select_isa()}, torch kernels '
+        f'{torch.backends.cpu.get_cpu_capability()}',
     ]
     if args.device.startswith('cuda'):
         props = torch.cuda.get_device_properties(args.device)
@@ -307,6 +340,8 @@ def main(argv=None):
     parser.add_argument('--malloc', default='auto', choices=MALLOC_CHOICES,
                         help=MALLOC_HELP + '; applied in every child as train.py applies it')
     parser.add_argument('--json-out', default=None, help='also write all results as JSON here')
+    parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
+                        help='append one JSON object per row and mode to <date>-<device>.json here ("" = none)')
     parser.add_argument('--single-row', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--mode', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -361,6 +396,8 @@ def main(argv=None):
     print_table(results, flops, args, device_type)
     print()
     print_ratios(results, flops, args, device_type)
+    if args.results_dir:
+        print(f'rows appended to {append_result_rows(results, args)}')
     if args.json_out:
         with open(args.json_out, 'w') as f:
             json.dump(dict(header=header, args=vars(args), results=results,
@@ -370,7 +407,7 @@ def main(argv=None):
 
 def print_table(results, flops, args, device_type):
     cuda = device_type == 'cuda'
-    cols = ['row', 'backend (scan/conv)', 'batch', 'eval img/s', 'eval ms/img', 'train img/s', 'train ms/img',
+    cols = ['row', 'backend (scan/conv)', 'isa', 'batch', 'eval img/s', 'eval ms/img', 'train img/s', 'train ms/img',
             'peak RSS train (GB)']
     if cuda:
         cols += ['peak CUDA mem train (GB)', 'train MFU']
@@ -382,8 +419,9 @@ def print_table(results, flops, args, device_type):
         name = spec['row'] if spec['row'] in PEERS else f"{spec['model']} {spec['row']}"
         note = '; '.join(x for x in (spec['note'], ev.get('error'), tr.get('error')) if x)
         backend = ev.get('backend') or tr.get('backend') or '-'
+        isa = ev.get('isa') or tr.get('isa') or '-'
         gf = flops.get((spec['model'], spec['original_blocks']))
-        cells = [name, backend, spec['batch_size'], fmt(ev.get('img_s')), fmt(ev.get('ms_img'), '.1f'),
+        cells = [name, backend, isa, spec['batch_size'], fmt(ev.get('img_s')), fmt(ev.get('ms_img'), '.1f'),
                  fmt(tr.get('img_s')), fmt(tr.get('ms_img'), '.1f'), fmt(tr.get('rss_gb'))]
         if cuda:
             mfu = None if tr.get('img_s') is None else 3 * gf * 1e9 * tr['img_s'] / (args.peak_tflops * 1e12)
@@ -394,6 +432,56 @@ def print_table(results, flops, args, device_type):
         print(f'\nMFU = 3 x forward GFLOPs/img x train img/s / {args.peak_tflops:g} TFLOP/s (--peak-tflops); '
               'checkpointing recompute is not counted as model FLOPs.')
     print('GFLOPs/img: FlopCounterMode dense ops + analytic scan and conv counts (benchmarks/model_stats.py).')
+
+
+def _slug(text: str) -> str:
+    return '-'.join(''.join(c if c.isalnum() else ' ' for c in text.replace('(R)', '').replace('(TM)', '')).lower()
+                    .split())
+
+
+def _commit() -> str:
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=HERE, capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        sha = git('rev-parse', '--short', 'HEAD')
+        return sha + ('-dirty' if git('status', '--porcelain', '--untracked-files=no') else '') if sha else '?'
+    except (OSError, subprocess.SubprocessError):
+        return '?'
+
+
+def result_rows(results, args) -> list:
+    """One flat object per (row, mode) that ran: what benchmarks/results/*.json keeps."""
+    now = datetime.datetime.now()
+    common = dict(device=device_name(args), date=now.strftime('%Y-%m-%dT%H:%M'), commit=_commit(),
+                  img_size=args.img_size, amp='fp32' if args.amp == 'none' else args.amp)
+    rows = []
+    for res in results:
+        spec = res['spec']
+        for mode in ('eval', 'train'):
+            cell = res.get(mode)
+            if not cell or 'img_s' not in cell:
+                continue
+            peak = cell.get('cuda_gb', cell['rss_gb'])
+            rows.append(dict(common, model=spec['model'], row=spec['row'], backend=cell['backend'] or '-', mode=mode,
+                             batch_size=cell['batch_size'], img_per_s=round(cell['img_s'], 3),
+                             ms_per_img=round(cell['ms_img'], 2), peak_gb=round(peak, 3), isa=cell['isa'],
+                             threads=cell['threads'], note=spec['note']))
+    return rows
+
+
+def append_result_rows(results, args) -> str:
+    """Append this run's rows to <results-dir>/<date>-<device>.json (a list of row objects)."""
+    rows = result_rows(results, args)
+    os.makedirs(args.results_dir, exist_ok=True)
+    path = os.path.join(args.results_dir, f'{datetime.date.today().isoformat()}-{_slug(device_name(args))}.json')
+    existing = []
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    with open(path, 'w') as f:
+        json.dump(existing + rows, f, indent=1)
+        f.write('\n')
+    return path
 
 
 def print_ratios(results, flops, args, device_type):
@@ -433,7 +521,7 @@ def print_ratios(results, flops, args, device_type):
         ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', get('ours', 'eval', 'ms_img'),
               get('floor', 'eval', 'ms_img'), ('<= +60%', lambda r: r <= 1.6), pct)
         ratio('train time over the no-scan floor', get('ours', 'train', 'ms_img'), get('floor', 'train', 'ms_img'),
-              None, pct)
+              ('<= +40%', lambda r: r <= 1.4), pct)
         if device_type == 'cuda':
             ratio('train img/s fused (ours) / pure PyTorch (compiled)', get('ours', 'train', 'img_s'),
                   get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))

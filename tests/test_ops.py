@@ -77,24 +77,65 @@ def test_compiled_matches_reference_values_and_grads(opts):
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('shape,chunk,backward_compiled', [
-    ((2, 6, 37, 16), 8, True),     # the unrolled 16-state kernel; a tail chunk; compiled backward
-    ((2, 20, 45, 16), 8, False),   # 20 channels: a full and a partial vector block; eager backward
-    ((2, 6, 1, 16), None, False),  # a single position
-    ((1, 8, 300, 16), 32, False),  # long sequence, many chunks
-    ((3, 5, 20, 4), 3, False),     # state size read at run time
+@pytest.mark.parametrize('shape,chunk', [
+    ((2, 6, 37, 16), 8),      # the unrolled 16-state groups; a tail chunk
+    ((2, 20, 45, 16), 8),     # 20 channels: a full and a partial vector block
+    ((2, 6, 1, 16), None),    # a single position
+    ((1, 8, 300, 16), 32),    # long sequence, many chunks
+    ((3, 5, 20, 4), 3),       # a state smaller than a register group
+    ((1, 70, 50, 19), 7),     # 19 states (full groups and a tail), one sequence cut into ranges of blocks
 ])
 @pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
-def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, backward_compiled, opts):
-    """The C++ forward against the sequential reference; gradients through the chunk-start states it saves."""
+def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, opts):
+    """The C++ forward and backward against the sequential reference and its autograd."""
     x = make_inputs(*shape, **opts)
-    threshold = 0 if backward_compiled else None
-    assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk, min_compile_elements=threshold)
-    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
+    assert_matches_reference(x, selective_scan_cpu_kernel, chunk_len=chunk)
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
     _, h_new = selective_scan_cpu_kernel(**x, delta_softplus=True, return_last_state=True, chunk_len=chunk)
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
     assert h_new.shape == h_ref.shape and h_new.is_contiguous()
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_last_state_is_differentiable():
+    """A loss on the last state as well as the output: its gradient enters the C++ backward as the carry into the
+    last position."""
+    x = make_inputs(2, 20, 37, 16)
+    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    weight = torch.randn(2, 20, 16)
+    for xs, fn in ((xs_ref, selective_scan_reference), (xs_new, selective_scan_cpu_kernel)):
+        y, h = fn(**xs, delta_softplus=True, return_last_state=True)
+        (y.sum() + (h * weight).sum()).backward()
+    for name, t in xs_ref.items():
+        if t is not None:
+            assert ((xs_new[name].grad - t.grad).abs().max() / t.grad.abs().max()) < 1e-4, name
+
+
+def test_cpu_kernel_gradients_repeat_bit_for_bit():
+    """The parameter gradients sum over work items that threads take in any order: the sums must not depend on
+    it (exact resume compares weights bit for bit)."""
+    x = {k: (v.requires_grad_() if v is not None else None) for k, v in make_inputs(4, 40, 50, 16).items()}
+    xc, w, b = torch.randn(4, 40, 70, requires_grad=True), torch.randn(40, 4, requires_grad=True), torch.randn(40)
+    weight = torch.randn(4, 40, 50)
+    runs = []
+    for _ in range(6):
+        y = selective_scan_cpu_kernel(**x, delta_softplus=True)
+        params = [x['A'], x['D'], x['delta_bias'], x['B']]
+        conv = causal_conv1d_cpu_kernel(xc, w, b.requires_grad_(), 'silu')
+        runs.append(torch.autograd.grad((y * weight).sum() + conv.square().sum(), params + [w, b]))
+    for run in runs[1:]:
+        assert all(torch.equal(g, g0) for g, g0 in zip(run, runs[0]))
+
+
+def test_cpu_kernel_conv_gradcheck_float64():
+    """float64 gradcheck through the C++ conv's own float64 build."""
+    x = torch.randn(2, 20, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    for activation in (None, 'silu'):
+        assert torch.autograd.gradcheck(lambda *a: causal_conv1d_cpu_kernel(*a, activation), (x, w, b))
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
 
 
 def test_cpu_kernel_inlined_math_over_extreme_inputs():
@@ -115,16 +156,22 @@ def test_cpu_kernel_inlined_math_over_extreme_inputs():
     assert y[0, 3, 5:].isnan().all() and not y[0, 3, :5].isnan().any() and not y[1].isnan().any()
 
 
-def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
+def _fresh_kernels(monkeypatch):
+    """A not-yet-loaded CPU_KERNELS in place of the shared one, for tests that break its build."""
     kernels = cpu_kernel_module._CpuKernels()
+    for module in (cpu_kernel_module, scan_module, conv_module):
+        monkeypatch.setattr(module, 'CPU_KERNELS', kernels)
+    return kernels
+
+
+def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
+    kernels = _fresh_kernels(monkeypatch)
     monkeypatch.setattr(cpu_kernel_module, '_SOURCE', cpu_kernel_module._SOURCE.with_name('missing.cpp'))
-    monkeypatch.setattr(scan_module, 'CPU_KERNELS', kernels)
-    monkeypatch.setattr(conv_module, 'CPU_KERNELS', kernels)
     x = make_inputs(1, 4, 10, 4)
-    with pytest.warns(UserWarning, match=r"backend 'cpu_kernel': building missing.cpp failed.*torch.compile'd"):
+    with pytest.warns(UserWarning, match=r"building the C\+\+ CPU kernels \(missing.cpp\) failed.*torch.compile'd"):
         y = selective_scan_cpu_kernel(**x, delta_softplus=True)
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
-    assert kernels.error and kernels.module is None  # it does not try again
+    assert kernels.error and kernels.library is None  # it does not try again
     xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
     torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'),
                                causal_conv1d_reference(xc, w, None, 'silu'))
@@ -243,7 +290,7 @@ def test_chunked_is_vectorised_not_a_loop_over_positions():
 
 @pytest.mark.parametrize('scan_fn', [selective_scan_chunked, selective_scan_cpu_kernel])
 def test_gradcheck_float64(scan_fn):
-    """fp64 on the default CPU backend runs without the fp32-only C++ forward."""
+    """float64 gradcheck; for cpu_kernel through the C++ kernels' float64 build of the same loops."""
     x = make_inputs(1, 2, 6, 3, dtype=torch.float64)
     names = [k for k, v in x.items() if v is not None]
 
@@ -339,14 +386,14 @@ def test_causal_conv_gradients_match_reference(activation, L):
 @pytest.mark.parametrize('activation', [None, 'silu'])
 @pytest.mark.parametrize('L,dim', [(1, 6), (2, 20), (37, 20), (300, 40)])
 def test_cpu_kernel_causal_conv_matches_reference(activation, L, dim):
-    """The C++ conv forward on time-major views (a full and a partial vector block; fewer positions than taps);
-    gradients through the shared backward."""
+    """The C++ conv forward and backward on time-major views (a full and a partial vector block; fewer positions
+    than taps)."""
     x = torch.randn(L, 3, 2 * dim)[:, :, :dim].permute(1, 2, 0).requires_grad_()  # the mixer's strides
     w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
     out = causal_conv1d(x, w, b, activation, backend='cpu_kernel')
     ref = causal_conv1d_reference(x, w, b, activation)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert cpu_kernel_module.CPU_KERNELS.module is not None, cpu_kernel_module.CPU_KERNELS.error
+    assert cpu_kernel_module.CPU_KERNELS.library is not None, cpu_kernel_module.CPU_KERNELS.error
     weight = torch.randn_like(ref)
     for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
                         torch.autograd.grad((ref * weight).sum(), (x, w, b))):
@@ -356,9 +403,12 @@ def test_cpu_kernel_causal_conv_matches_reference(activation, L, dim):
 def test_cpu_kernel_conv_refuses_other_devices_and_runs_other_dtypes_in_torch():
     with pytest.raises(RuntimeError, match="conv backend 'cpu_kernel' runs on CPU tensors only, got meta"):
         causal_conv1d(torch.randn(1, 2, 5, device='meta'), torch.randn(2, 4, device='meta'), backend='cpu_kernel')
-    x, w = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    x, w = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 4)  # mixed dtypes: not for the C++ conv
     torch.testing.assert_close(causal_conv1d(x, w, None, 'silu', backend='cpu_kernel'),
-                               causal_conv1d_reference(x, w, None, 'silu'))
+                               causal_conv1d_reference(x, w.double(), None, 'silu'))
+    w9 = torch.randn(3, 9)  # more taps than the C++ backward keeps registers for
+    torch.testing.assert_close(causal_conv1d(x.float(), w9, None, 'silu', backend='cpu_kernel'),
+                               causal_conv1d_reference(x.float(), w9, None, 'silu'))
 
 
 @pytest.mark.parametrize('activation', [None, 'silu'])

@@ -1,10 +1,10 @@
 """Causal depthwise conv1d over (batch, dim, length), the Mamba mixer's short convolution.
 
 Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``cpu_kernel`` (the CPU default:
-the forward in C++, csrc/mamba_cpu.cpp, the backward as ``torch``'s), ``torch`` (shifted multiply-adds
-that keep the input's memory layout, every device; fused by torch.compile for big problems on CPU and CUDA,
-eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for tests; what ``auto`` picks under
-torch.export, a grouped ``Conv`` in ONNX).
+forward and backward in C++, csrc/mamba_cpu.cpp, as the custom ops ``rsmamba::causal_conv1d_fwd/bwd``),
+``torch`` (shifted multiply-adds that keep the input's memory layout, every device; fused by torch.compile
+for big problems on CPU and CUDA, eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for
+tests; what ``auto`` picks under torch.export, a grouped ``Conv`` in ONNX).
 """
 import os
 from typing import Optional
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
-from .cpu_kernel import CPU_KERNELS, cpu_conv_forward
+from .cpu_kernel import CPU_KERNELS, MAX_CONV_TAPS, causal_conv1d_fwd, cpu_kernels_available
 from .fused_cuda import causal_conv1d_fn, fused_causal_conv1d
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
@@ -83,15 +83,13 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
     """Causal depthwise conv (+ optional SiLU) on (L, b, d) tensors of any strides.
 
     Saves only its input and re-computes the pre-activation in backward, so training keeps one
-    activation per conv instead of three. ``cpu_kernel``: the forward runs in C++.
+    activation per conv instead of three.
     """
 
     @staticmethod
-    def forward(ctx, x_tm, weight, bias, silu, compiled, cpu_kernel):
+    def forward(ctx, x_tm, weight, bias, silu, compiled):
         ctx.save_for_backward(x_tm, weight, bias)
         ctx.silu, ctx.compiled = silu, compiled
-        if cpu_kernel:
-            return cpu_conv_forward(x_tm, weight, bias, silu)
         return _CONV_KERNELS('forward', x_tm, weight, bias, silu, compiled=compiled)
 
     @staticmethod
@@ -99,35 +97,39 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
         x_tm, weight, bias = ctx.saved_tensors
         dx, dweight, dbias = _CONV_KERNELS(
             'backward', x_tm, weight, bias, ctx.silu, dout.contiguous(), compiled=ctx.compiled)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None, cpu_kernel: bool = False):
+def _is_silu(activation) -> bool:
+    if activation not in ('silu', 'swish'):
+        _activate(None, activation)  # validates the name
+    return activation is not None
+
+
+def causal_conv1d_torch(x, weight, bias=None, activation=None, may_compile: bool = True):
     """Pure PyTorch, every device; (batch, dim, length) views of time-major tensors cost no copy.
 
-    ``cpu_kernel``: run the forward in C++ (`causal_conv1d_cpu_kernel` decides when it can).
+    ``may_compile=False``: eager even for big problems (no C++ compiler for torch.compile to use).
     """
-    silu = activation in ('silu', 'swish')
-    if not silu:
-        _activate(x, activation)  # validates the name
-    x_tm = x.permute(2, 0, 1)
-    compiled = x.device.type in ('cpu', 'cuda') and x.numel() >= MIN_COMPILE_ELEMENTS
-    out = _CausalConv1dTimeMajor.apply(x_tm, weight, bias, silu, compiled, cpu_kernel)
+    compiled = may_compile and x.device.type in ('cpu', 'cuda') and x.numel() >= MIN_COMPILE_ELEMENTS
+    out = _CausalConv1dTimeMajor.apply(x.permute(2, 0, 1), weight, bias, _is_silu(activation), compiled)
     return out.permute(1, 2, 0)
 
 
 def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
-    """`causal_conv1d_torch` with the forward in C++ (csrc/mamba_cpu.cpp): one pass, the SiLU's exp inlined.
+    """The C++ conv (csrc/mamba_cpu.cpp), forward and backward: one pass each, the SiLU's exp inlined.
 
-    CPU tensors; fp32 (other dtypes, and with a warning machines where the kernel cannot be built, run
-    `causal_conv1d_torch`'s forward).
+    CPU tensors, all fp32 or all fp64, up to MAX_CONV_TAPS taps; anything else, and machines where the kernels
+    cannot be built, run `causal_conv1d_torch` (eagerly if there is no C++ compiler).
     """
     if x.device.type != 'cpu':
         raise RuntimeError(f"conv backend 'cpu_kernel' runs on CPU tensors only, got {x.device.type}; "
                            f"use 'auto', 'torch' or 'causal_conv1d' on this device")
-    fp32 = all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
-    usable = fp32 and CPU_KERNELS.load() is not None
-    return causal_conv1d_torch(x, weight, bias, activation, cpu_kernel=usable)
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if (len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64} or weight.shape[-1] > MAX_CONV_TAPS
+            or not cpu_kernels_available()):
+        return causal_conv1d_torch(x, weight, bias, activation, may_compile=CPU_KERNELS.compiler_found)
+    return causal_conv1d_fwd(x.permute(2, 0, 1), weight, bias, _is_silu(activation)).permute(1, 2, 0)
 
 
 def has_causal_conv1d() -> bool:

@@ -1,76 +1,463 @@
-"""The hand-written CPU forwards of the scan and the conv (csrc/mamba_cpu.cpp), built on first use.
+"""The C++ CPU kernels of the scan and the conv (csrc/mamba_cpu.cpp), as torch.library custom ops.
 
-torch.utils.cpp_extension compiles it once per machine (about 25 s on 2 cores; cached under
-$TORCH_EXTENSIONS_DIR, rebuilt only when the source changes), for the vector width of the ISA torch detects.
-Where it cannot be built (no compiler, no OpenMP, an unusual platform), callers get None and a warning that
-says why, once, and run the torch.compile'd forward instead.
+The source needs no torch headers: the system C++ compiler builds it in a few seconds into a shared library
+that ctypes loads (ctypes releases the GIL during each call). It is built once per machine and cached under
+``$XDG_CACHE_HOME/timm_rsmamba/kernels`` (``~/.cache/...``), keyed by the source, the compiler and its
+version, the flags and the ISA, so an edit, a new compiler or another CPU each get their own build and a
+shared home directory never hands a CPU a library with instructions it lacks. The ISA is the best one this
+CPU runs (``RSMAMBA_CPU_ISA=avx512|avx2|neon|generic`` picks another it also runs); each sets the vector
+width and the register blocking of the scan (`ISAS`).
+
+Each kernel is a custom op (``torch.ops.rsmamba.*``) with a fake implementation and, for the forwards, an
+autograd formula whose backward is itself a custom op, so torch.compile traces models through them whole.
+Where no library can be built (no compiler, a failed build), `CPU_KERNELS.load()` returns None after one
+warning that says why, and the callers in scan.py and conv.py run pure PyTorch instead.
 """
-import logging
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'mamba_cpu.cpp'
-# torch's CPU capability -> (vector bytes, compiler flags); anything else builds 16-byte vectors (SSE2, NEON)
-_ISA_BUILDS = {
-    'AVX512': (64, ['-mavx512f', '-mavx512dq', '-mavx512vl', '-mavx512bw', '-mfma']),
-    'AVX2': (32, ['-mavx2', '-mfma']),
+ISA_ENV_VAR = 'RSMAMBA_CPU_ISA'
+MAX_CONV_TAPS = 8  # kMaxTaps of the source: the conv backward keeps one register per tap
+
+
+@dataclass(frozen=True)
+class Isa:
+    """How to build for one instruction set: compiler flags, the CPU features they need (/proc/cpuinfo names),
+    the vector width, and the states the scan keeps in registers at once (forward and re-compute, adjoint)."""
+    flags: Tuple[str, ...]
+    cpu_features: Tuple[str, ...]
+    vec_bytes: int
+    state_group: int
+    adjoint_group: int
+
+
+# Register blocking per ISA, measured on a 2-core Xeon (Sapphire Rapids) with the AVX-512 and the AVX2 build
+# (docs/performance-cpu.md): all 16 states in registers for the forward and the re-computation, even on
+# AVX2, whose 16 registers then spill a few (cheaper than re-reading delta, delta u and y per group of 8:
+# 10% faster); 8 states per pass in the adjoint, which keeps two vectors per state (9% faster than 16).
+ISAS: Dict[str, Isa] = {
+    'avx512': Isa(('-mavx512f', '-mavx512dq', '-mavx512vl', '-mavx512bw', '-mavx2', '-mfma'),
+                  ('avx512f', 'avx512dq', 'avx512vl', 'avx512bw', 'avx2', 'fma'), 64, 16, 8),
+    'avx2': Isa(('-mavx2', '-mfma'), ('avx2', 'fma'), 32, 16, 8),
+    'neon': Isa((), (), 16, 16, 8),  # every aarch64 CPU has NEON (32 vector registers)
+    'generic': Isa((), (), 16, 16, 8),  # what the compiler makes of 16-byte vectors (SSE2 on x86-64)
 }
-_logger = logging.getLogger(__name__)
+
+
+def _cpu_features() -> Optional[set]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def supported_isas() -> List[str]:
+    """The ISAs this CPU runs, best first."""
+    machine = platform.machine().lower()
+    if machine in ('aarch64', 'arm64'):
+        return ['neon', 'generic']
+    if machine not in ('x86_64', 'amd64', 'x64'):
+        return ['generic']
+    features = _cpu_features()
+    if features is None:  # no /proc/cpuinfo (macOS, Windows): what torch detected
+        capability = torch.backends.cpu.get_cpu_capability()
+        features = set(ISAS['avx512'].cpu_features if capability.startswith('AVX512') else
+                       ISAS['avx2'].cpu_features if capability == 'AVX2' else ())
+    return [name for name in ('avx512', 'avx2') if features.issuperset(ISAS[name].cpu_features)] + ['generic']
+
+
+def select_isa() -> str:
+    """The best ISA of this CPU, or the one $RSMAMBA_CPU_ISA names if this CPU runs it (else a warning)."""
+    supported = supported_isas()
+    wanted = os.environ.get(ISA_ENV_VAR, '').strip().lower()
+    if wanted and wanted not in supported:
+        warnings.warn(f'${ISA_ENV_VAR}={wanted!r}: this CPU runs {", ".join(supported)} (choose one of those); '
+                      f'building the C++ kernels for {supported[0]}')
+    return wanted if wanted in supported else supported[0]
+
+
+def _find_compiler() -> Optional[str]:
+    for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(root) / 'timm_rsmamba' / 'kernels'
+
+
+def build_flags(isa: str) -> List[str]:
+    spec = ISAS[isa]
+    # contraction into FMAs is what keeps the exp's fraction exact (see the source)
+    return ['-O3', '-std=c++17', '-shared', '-fPIC', '-pthread', '-ffp-contract=fast',
+            f'-DRSM_VEC_BYTES={spec.vec_bytes}', f'-DRSM_STATE_GROUP={spec.state_group}',
+            f'-DRSM_ADJOINT_GROUP={spec.adjoint_group}', *spec.flags]
+
+
+class _FileLock:
+    """An exclusive lock on a file (fcntl; none where fcntl is missing: the build is still atomic)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = None
+
+    def __enter__(self):
+        self.file = open(self.path, 'a')
+        try:
+            import fcntl
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
+
+
+def build_library(isa: str, compiler: str, cache_dir: Path) -> Path:
+    """The library for ``isa``: from the cache, else compiled into it (once, even with concurrent callers)."""
+    flags = build_flags(isa)
+    version = subprocess.run([compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b'\0'.join(
+        [_SOURCE.read_bytes(), compiler.encode(), version.encode(), ' '.join(flags).encode(),
+         isa.encode(), platform.machine().encode()])).hexdigest()[:16]
+    path = cache_dir / f'mamba_cpu-{isa}-{key}.so'
+    if path.exists():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _FileLock(path.with_suffix('.lock')):
+        if path.exists():  # another process built it while this one waited
+            return path
+        fd, tmp = tempfile.mkstemp(suffix='.so', prefix=path.stem + '.', dir=cache_dir)
+        os.close(fd)
+        try:
+            sys.stderr.write(f'timm_rsmamba: building the C++ CPU kernels for {isa} (once per machine) ... ')
+            sys.stderr.flush()
+            start = time.time()
+            done = subprocess.run([compiler, *flags, '-o', tmp, str(_SOURCE)], capture_output=True, text=True)
+            sys.stderr.write(f'{"done" if done.returncode == 0 else "failed"} in {time.time() - start:.1f} s\n')
+            if done.returncode != 0:
+                raise RuntimeError(f'{Path(compiler).name} failed: ' + (done.stderr.strip().splitlines() or ['?'])[0])
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+class _ScanArgs(ctypes.Structure):
+    """struct rsm_scan_args of the source: pointers and int64s only, so no padding to mirror."""
+    _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')] +
+                [(k, ctypes.c_int64) for k in ('u_t', 'u_b', 'delta_t', 'delta_b', 'z_t', 'z_b', 'B_t', 'B_b',
+                                               'C_t', 'C_b', 'A_d', 'A_s', 'length', 'batch', 'dim', 'n_state',
+                                               'chunk_len', 'softplus', 'threads')] +
+                [(k, ctypes.c_void_p) for k in ('out', 'starts', 'last', 'dout', 'dlast')] +
+                [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
+                [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias')])
+
+
+class _ConvArgs(ctypes.Structure):
+    """struct rsm_conv_args of the source."""
+    _fields_ = ([(k, ctypes.c_void_p) for k in ('x', 'weight', 'bias', 'dout')] +
+                [(k, ctypes.c_int64) for k in ('x_t', 'x_b', 'dout_t', 'dout_b', 'w_d', 'w_k', 'length', 'batch',
+                                               'dim', 'taps', 'silu', 'threads')] +
+                [(k, ctypes.c_void_p) for k in ('out', 'dx', 'dweight', 'dbias')])
+
+
+_ENTRY_POINTS = {'rsm_scan_forward': _ScanArgs, 'rsm_scan_backward': _ScanArgs,
+                 'rsm_conv_forward': _ConvArgs, 'rsm_conv_backward': _ConvArgs}
+
+
+def _openmp_entry() -> Optional[int]:
+    """GOMP_parallel of the OpenMP runtime torch runs its threads with, if it is loaded; the kernels then run
+    on those threads instead of starting their own, which would compete with them for the cores."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
 
 
 class _CpuKernels:
-    def __init__(self):
-        self.module: Optional[ModuleType] = None
-        self.error: Optional[str] = None
+    """The loaded library, built on first use; ``error`` says why there is none (then ``load`` is None)."""
 
-    def load(self) -> Optional[ModuleType]:
-        if self.module is None and self.error is None:
-            capability = torch.backends.cpu.get_cpu_capability()
-            width, isa_flags = _ISA_BUILDS.get(capability, (16, []))
-            name = f'rsmamba_mamba_cpu_{capability.lower()}'
-            _logger.info('backend cpu_kernel: loading %s (built on first use, ~25 s)', name)
+    def __init__(self):
+        self.library: Optional[ctypes.CDLL] = None
+        self.path: Optional[Path] = None
+        self.isa: Optional[str] = None
+        self.error: Optional[str] = None
+        self.compiler_found = True
+
+    def load(self) -> Optional[ctypes.CDLL]:
+        if self.library is None and self.error is None:
+            isa = select_isa()
+            compiler = _find_compiler()
+            if compiler is None:
+                self.compiler_found = False
+                self.error = 'no C++ compiler found ($CXX, c++, g++, clang++)'
+                warnings.warn(f"timm_rsmamba: {self.error}, so the CPU scan and conv run in pure PyTorch, several "
+                              f"times slower. Install one for the fast C++ kernels (Debian/Ubuntu: apt install g++; "
+                              f"Fedora: dnf install gcc-c++; macOS: xcode-select --install; conda: conda install "
+                              f"cxx-compiler); they build on first use in a few seconds.")
+                return None
             try:
-                from torch.utils.cpp_extension import load
-                self.module = load(
-                    name=name, sources=[str(_SOURCE)], extra_ldflags=['-fopenmp'],
-                    # contraction into FMAs is what keeps the exp's fraction exact (see the source)
-                    extra_cflags=['-O3', '-fopenmp', '-ffp-contract=fast', f'-DRSM_VEC_BYTES={width}', *isa_flags])
-            except Exception as e:  # a build failure must never break the scan: compiled runs instead
+                path = build_library(isa, compiler, _cache_dir())
+                library = ctypes.CDLL(str(path))
+                for name, args in _ENTRY_POINTS.items():
+                    for dtype in ('f32', 'f64'):
+                        fn = getattr(library, f'{name}_{dtype}')
+                        fn.argtypes, fn.restype = [ctypes.POINTER(args)], ctypes.c_int
+                library.rsm_build_info.restype = ctypes.c_char_p
+                library.rsm_use_openmp.argtypes = [ctypes.c_void_p]
+                library.rsm_use_openmp(_openmp_entry())
+            except Exception as e:  # a build failure must never break the model: pure PyTorch runs instead
                 self.error = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-                warnings.warn(f"backend 'cpu_kernel': building {_SOURCE.name} failed ({self.error}); "
-                              f"running the torch.compile'd forwards instead")
-        return self.module
+                warnings.warn(f"timm_rsmamba: building the C++ CPU kernels ({_SOURCE.name}) failed ({self.error}); "
+                              f"running the torch.compile'd pure-PyTorch scan and conv instead")
+                return None
+            self.library, self.path, self.isa = library, path, isa
+        return self.library
+
+    def build_info(self) -> str:
+        """e.g. 'avx512 (vec_bytes=64 state_group=16 adjoint_group=8)', or why there is no build."""
+        if self.load() is None:
+            return f'none ({self.error})'
+        return f'{self.isa} ({self.library.rsm_build_info().decode()})'
 
 
 CPU_KERNELS = _CpuKernels()
 
 
-def cpu_scan_forward(u, delta_raw, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int, save_starts: bool):
-    """The scan on time-major fp32 CPU tensors (L, b, d) / (L, b, n), see the source's header.
-
-    Returns out (L, b, d), the state at each chunk start (chunks, n, b, d) (empty unless ``save_starts``) and
-    the last state (n, b, d). Callers check ``CPU_KERNELS.load()`` first.
-    """
-    u, delta_raw, B, C, z = (_unit_last_stride(t) for t in (u, delta_raw, B, C, z))
-    return _module().scan_forward(u, delta_raw, A.t().contiguous(), B, C, D, z, delta_bias, softplus, chunk_len,
-                                  save_starts)
+@torch.compiler.assume_constant_result
+def cpu_kernels_available() -> bool:
+    """Whether the C++ kernels run here (built, or buildable now); torch.compile treats it as a constant."""
+    return CPU_KERNELS.load() is not None
 
 
-def cpu_conv_forward(x_tm, weight, bias, silu: bool):
-    """Causal depthwise conv (+ SiLU) of a time-major fp32 CPU tensor (L, b, d); weight (d, K)."""
-    return _module().conv_forward(_unit_last_stride(x_tm), weight.t().contiguous(), bias, silu)
+def _call(name: str, tensor: Tensor, args) -> None:
+    suffix = {torch.float32: 'f32', torch.float64: 'f64'}[tensor.dtype]
+    library = CPU_KERNELS.load()
+    if library is None:
+        raise RuntimeError(f'the C++ CPU kernels are not available: {CPU_KERNELS.error}')
+    if getattr(library, f'{name}_{suffix}')(ctypes.byref(args)) != 0:
+        raise RuntimeError(f'{name}: the C++ kernel failed (out of memory, or no thread could be started)')
 
 
-def _unit_last_stride(t):
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _unit_last_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _module() -> ModuleType:
-    module = CPU_KERNELS.load()
-    if module is None:
-        raise RuntimeError(f'the CPU kernels could not be built: {CPU_KERNELS.error}')
-    return module
+def _check_dtypes(name: str, *tensors: Optional[Tensor]) -> None:
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+        raise TypeError(f'{name}: all tensors must be float32, or all float64; got {sorted(map(str, dtypes))}')
+
+
+def _chunks(length: int, chunk_len: int) -> int:
+    return (length + chunk_len - 1) // chunk_len
+
+
+# ---- the scan ------------------------------------------------------------------------------------------------
+
+
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int) -> _ScanArgs:
+    length, batch, dim = u.shape
+    zz = z if z is not None else u  # strides only; the null pointer says there is no z
+    return _ScanArgs(
+        u=_ptr(u), delta=_ptr(delta), A=_ptr(A), B=_ptr(B), C=_ptr(C), D=_ptr(D), z=_ptr(z),
+        delta_bias=_ptr(delta_bias), u_t=u.stride(0), u_b=u.stride(1), delta_t=delta.stride(0),
+        delta_b=delta.stride(1), z_t=zz.stride(0), z_b=zz.stride(1), B_t=B.stride(0), B_b=B.stride(1),
+        C_t=C.stride(0), C_b=C.stride(1), A_d=A.stride(0), A_s=A.stride(1), length=length, batch=batch, dim=dim,
+        n_state=A.shape[1], chunk_len=chunk_len, softplus=int(softplus), threads=torch.get_num_threads())
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3 or B.shape != C.shape or B.shape[:2] != u.shape[:2] or A.shape != (u.shape[2], B.shape[2]):
+        raise ValueError(f'selective_scan_fwd: want u, delta, z (L, batch, dim), B, C (L, batch, state), '
+                         f'A (dim, state); got u {tuple(u.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}')
+    _check_dtypes('selective_scan_fwd', u, delta, A, B, C, D, z, delta_bias)
+    u, delta, B, C, z = (_unit_last_stride(t) for t in (u, delta, B, C, z))
+    D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+@torch.library.custom_op('rsmamba::selective_scan_fwd', mutates_args=(), device_types='cpu')
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
+                       save_starts: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The scan on time-major tensors: u, delta, z (L, batch, dim); B, C (L, batch, state); A (dim, state).
+
+    Returns out (L, batch, dim), the state at each chunk start (chunks, state, batch, dim) (empty unless
+    ``save_starts``: what the backward re-computes from) and the last state (state, batch, dim).
+    """
+    u, delta, A, B, C, D, z, delta_bias = _scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len)
+    args.out, args.starts, args.last = _ptr(out), _ptr(starts) if save_starts else None, _ptr(last)
+    _call('rsm_scan_forward', u, args)
+    return out, starts, last
+
+
+def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
+    length, batch, dim = u.shape
+    n = A.shape[1]
+    starts = u.new_empty(_chunks(length, chunk_len), n, batch, dim) if save_starts else u.new_empty(0)
+    return u.new_empty(length, batch, dim), starts, u.new_empty(n, batch, dim)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts):
+    return _scan_outputs(u, A, chunk_len, save_starts)
+
+
+@torch.library.custom_op('rsmamba::selective_scan_bwd', mutates_args=(), device_types='cpu')
+def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
+                       dlast: Optional[Tensor], softplus: bool, chunk_len: int) -> List[Tensor]:
+    """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
+    d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient."""
+    u, delta, A, B, C, D, z, delta_bias = _scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    expected = (_chunks(u.shape[0], chunk_len), A.shape[1], *u.shape[1:])
+    if tuple(starts.shape) != expected:
+        raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
+                         f'{tuple(starts.shape)} (run the forward with save_starts=True)')
+    grads = _scan_grads(u, A, B, D, z, delta_bias)
+    dout, starts = _unit_last_stride(dout), starts.contiguous()
+    dlast = None if dlast is None else dlast.contiguous()
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len)
+    args.starts, args.dout, args.dlast = _ptr(starts), _ptr(dout), _ptr(dlast)
+    args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
+    for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias'), grads,
+                              (u, u, A, B, C, D, z, delta_bias)):
+        setattr(args, name, _ptr(g) if given is not None else None)
+    _call('rsm_scan_backward', u, args)
+    return grads
+
+
+def _scan_grads(u, A, B, D, z, delta_bias) -> List[Tensor]:
+    def like(t, shape):
+        return u.new_empty(shape if t is not None else (0,))
+    return [u.new_empty(u.shape), u.new_empty(u.shape), u.new_empty(A.shape), u.new_empty(B.shape),
+            u.new_empty(B.shape), like(D, u.shape[2:]), like(z, u.shape), like(delta_bias, u.shape[2:])]
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len):
+    return _scan_grads(u, A, B, D, z, delta_bias)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.softplus, ctx.chunk_len = softplus, chunk_len
+
+
+def _scan_backward(ctx, dout, _dstarts, dlast):
+    u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+    grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
+                               ctx.chunk_len)
+    du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            d_bias if delta_bias is not None else None, None, None, None)
+
+
+selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+# ---- the conv ------------------------------------------------------------------------------------------------
+
+
+def _conv_args(x, weight, bias, silu: bool) -> _ConvArgs:
+    length, batch, dim = x.shape
+    return _ConvArgs(x=_ptr(x), weight=_ptr(weight), bias=_ptr(bias), x_t=x.stride(0), x_b=x.stride(1),
+                     w_d=weight.stride(0), w_k=weight.stride(1), length=length, batch=batch, dim=dim,
+                     taps=weight.shape[1], silu=int(silu), threads=torch.get_num_threads())
+
+
+def _conv_inputs(x, weight, bias):
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f'causal_conv1d: want x (L, batch, dim) and weight (dim, taps); got x {tuple(x.shape)}, '
+                         f'weight {tuple(weight.shape)}')
+    if weight.shape[1] > MAX_CONV_TAPS:
+        raise ValueError(f'causal_conv1d: at most {MAX_CONV_TAPS} taps, got {weight.shape[1]}')
+    _check_dtypes('causal_conv1d', x, weight, bias)
+    return _unit_last_stride(x), weight, None if bias is None else bias.contiguous()
+
+
+@torch.library.custom_op('rsmamba::causal_conv1d_fwd', mutates_args=(), device_types='cpu')
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """Causal depthwise conv (+ SiLU) of a time-major tensor x (L, batch, dim); weight (dim, taps)."""
+    x, weight, bias = _conv_inputs(x, weight, bias)
+    out = x.new_empty(x.shape)
+    args = _conv_args(x, weight, bias, silu)
+    args.out = _ptr(out)
+    _call('rsm_conv_forward', x, args)
+    return out
+
+
+@causal_conv1d_fwd.register_fake
+def _(x, weight, bias, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op('rsmamba::causal_conv1d_bwd', mutates_args=(), device_types='cpu')
+def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
+                      silu: bool) -> List[Tensor]:
+    """dx, dweight and dbias (empty without a bias) of `causal_conv1d_fwd`, the pre-activation re-computed."""
+    x, weight, bias = _conv_inputs(x, weight, bias)
+    dout = _unit_last_stride(dout)
+    grads = _conv_grads(x, weight, bias)
+    args = _conv_args(x, weight, bias, silu)
+    args.dout, args.dout_t, args.dout_b = _ptr(dout), dout.stride(0), dout.stride(1)
+    args.dx, args.dweight, args.dbias = _ptr(grads[0]), _ptr(grads[1]), _ptr(grads[2]) if bias is not None else None
+    _call('rsm_conv_backward', x, args)
+    return grads
+
+
+def _conv_grads(x, weight, bias) -> List[Tensor]:
+    return [x.new_empty(x.shape), x.new_empty(weight.shape), x.new_empty(weight.shape[:1] if bias is not None else 0)]
+
+
+@causal_conv1d_bwd.register_fake
+def _(x, weight, bias, dout, silu):
+    return _conv_grads(x, weight, bias)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu)
+    return dx, dweight, dbias if bias is not None else None, None
+
+
+causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)

@@ -10,9 +10,11 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
 
 Backends:
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
-* ``cpu_kernel``: the default on CPU. The forward is a hand-written C++ kernel (csrc/mamba_cpu.cpp,
-  built on first use): one pass over the sequence per block of channels, states in vector registers. Its
-  backward is ``compiled``'s, and ``compiled`` runs where the kernel cannot be built.
+* ``cpu_kernel``: the default on CPU. Forward and backward are hand-written C++ (csrc/mamba_cpu.cpp, built
+  on first use in seconds, no torch.compile): one pass over the sequence per block of channels, states in
+  vector registers; the backward re-computes states chunk by chunk like ``compiled``'s. Custom ops
+  (``torch.ops.rsmamba.selective_scan_fwd/bwd``), so torch.compile traces through them. ``compiled`` runs
+  where the kernels cannot be built (``chunked`` if there is no C++ compiler at all).
 * ``compiled``: pure PyTorch, the default on CUDA without the extra. The sequence is cut
   into chunks of 8 positions; each chunk's forward and backward is a plain loop over positions that
   torch.compile (inductor) turns into generated kernels: no Python and no dispatcher per position. The
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import CompiledKernels
-from .cpu_kernel import CPU_KERNELS, cpu_scan_forward
+from .cpu_kernel import CPU_KERNELS, cpu_kernels_available, selective_scan_fwd
 from .fused_cuda import fused_selective_scan, mamba_ssm_fn
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
@@ -50,6 +52,10 @@ MAX_COMPILED_STATE = 16
 # inductor fuses at most 64 nodes into one kernel by default; the unrolled forward chunk has a few hundred,
 # and cut into pieces it stores and re-reads every state between them. (Backward is faster with the default.)
 _FORWARD_COMPILE_OPTIONS = {'max_fusion_size': 4096}
+# Positions per chunk of the C++ backward: it re-computes a chunk's states and decays into a buffer (16 states
+# x 16 positions x 64 bytes, twice) and autograd keeps one state per chunk. 16 is as fast as 8 and halves those
+# states (29 MB instead of 58 per rsmamba_base block at batch 8, under glibc's pinned mmap threshold).
+CPU_CHUNK_LEN = 16
 # Below this many state elements (batch * dim * state * length) compiling costs more than it saves.
 MIN_COMPILE_ELEMENTS = 2 ** 22
 # States the eager chunked backward keeps at once (elements, fp32: 128 MiB, twice: states and decays).
@@ -291,29 +297,24 @@ class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan on time-major tensors, chunk by chunk of positions.
 
     Inputs: u, delta_raw, z (L, b, d) (any strides); A (d, n); B, C (L, b, n); D, delta_bias (d,) or None.
-    Forward: the hand-written CPU kernel in one call (``cpu_kernel``), else one chunk kernel call per chunk.
-    Autograd keeps only the inputs plus the state at each chunk start (state-major, (n, b, d)), not the
-    (L, b, d, n) states: backward re-computes each chunk's states from its start state. ``compiled``: whether
-    the chunk kernels run compiled (else eagerly: problems too small to repay compiling).
+    Forward: one chunk kernel call per chunk. Autograd keeps only the inputs plus the state at each chunk start
+    (state-major, (n, b, d)), not the (L, b, d, n) states: backward re-computes each chunk's states from its
+    start state. ``compiled``: whether the chunk kernels run compiled (else eagerly: problems too small to
+    repay compiling).
     """
 
     @staticmethod
-    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len, compiled, cpu_kernel, save_starts):
+    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len, compiled):
         length, batch, dim = u.shape
-        if cpu_kernel:
-            out, starts, last = cpu_scan_forward(u, delta_raw, A, B, C, D, z, delta_bias, softplus, chunk_len,
-                                                 save_starts)
-            chunk_starts = starts.unbind(0)
-        else:
-            states = [u.new_zeros(A.shape[1], batch, dim)]
-            outs = []
-            A_t = A.t().contiguous()
-            for sl in _chunk_slices(length, chunk_len):
-                y, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
-                                      D, delta_bias, softplus, compiled=compiled)
-                outs.append(y)
-                states.append(h)
-            out, last, chunk_starts = torch.cat(outs), states[-1], states[:-1]
+        states = [u.new_zeros(A.shape[1], batch, dim)]
+        outs = []
+        A_t = A.t().contiguous()
+        for sl in _chunk_slices(length, chunk_len):
+            y, h = _CHUNK_KERNELS('forward', states[-1], u[sl], delta_raw[sl], _slice(z, sl), A_t, B[sl], C[sl],
+                                  D, delta_bias, softplus, compiled=compiled)
+            outs.append(y)
+            states.append(h)
+        out, last, chunk_starts = torch.cat(outs), states[-1], states[:-1]
         ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, *chunk_starts)  # no copy into one tensor
         ctx.softplus, ctx.chunk_len, ctx.compiled = softplus, chunk_len, compiled
         last = last.permute(1, 2, 0).contiguous()
@@ -341,7 +342,7 @@ class _ChunkedScan(torch.autograd.Function):
             if dD is not None:
                 dD += dD_c
         d_bias = ddelta_raw.sum((0, 1)) if delta_bias is not None else None
-        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None, None, None, None
+        return du, ddelta_raw, dA, dB, dC, dD, dz, d_bias, None, None, None
 
 
 def _parallel_chunk_len(length: int) -> int:
@@ -452,9 +453,9 @@ def _slice(t, sl):
 
 
 def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len,
-                  compiled: bool, cpu_kernel: bool = False):
-    """Layout and precision around the two chunked scans: chunk by chunk (`_ChunkedScan`: compiled kernels,
-    or the CPU kernel's forward), or all chunks at once, eagerly (`_ParallelChunkScan`)."""
+                  compiled: bool):
+    """Layout and precision around the two chunked scans: chunk by chunk (`_ChunkedScan`, compiled kernels),
+    or all chunks at once, eagerly (`_ParallelChunkScan`)."""
     ct = _compute_dtype(u.dtype)
     batch, dim, length = u.shape
     state = A.shape[1]
@@ -471,11 +472,8 @@ def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_la
         else:
             args = (time_major(u), time_major(delta), A.to(ct).contiguous(), time_major(B), time_major(C),
                     vector(D), time_major(z), vector(delta_bias), delta_softplus)
-            if compiled or cpu_kernel:
-                needs_grad = torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length), compiled,
-                                               cpu_kernel, needs_grad)
+            if compiled:
+                out, last = _ChunkedScan.apply(*args, min(chunk_len or DEFAULT_CHUNK_LEN, length), compiled)
             else:
                 chunk = min(chunk_len or _parallel_chunk_len(length), length)
                 out, last = _ParallelChunkScan.apply(*args, chunk, PARALLEL_STATE_BUDGET, return_last_state)
@@ -518,25 +516,37 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        chunk_len: Optional[int] = None, min_compile_elements: Optional[int] = None):
-    """`selective_scan_compiled` with the forward run by a hand-written C++ kernel (csrc/mamba_cpu.cpp).
+        chunk_len: Optional[int] = None):
+    """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::selective_scan_fwd``.
 
-    One pass over the sequence with the states in vector registers and inlined exp/log: 2.7x the compiled
-    forward on a 2-core EPYC (benchmarks/RESULTS.md). Backward as `compiled`, from the chunk-start states the
-    kernel saves. CPU tensors only. fp64 (gradcheck), states above MAX_COMPILED_STATE, and machines where
-    the kernel cannot be built run `selective_scan_compiled` instead.
+    One pass over the sequence with the states in vector registers and inlined exp/log; the backward
+    re-computes each chunk of ``chunk_len`` positions (default CPU_CHUNK_LEN) from the state the forward saved
+    at its start. CPU tensors; fp32 (fp16/bf16 are computed in fp32) and fp64. Where the kernels cannot be
+    built this runs `selective_scan_compiled`, or `selective_scan_chunked` if there is no C++ compiler (which
+    torch.compile would need too).
     """
     if u.device.type != 'cpu':
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
                            f"use 'auto', 'compiled' or 'mamba_ssm' on this device")
-    kernel = (_compute_dtype(u.dtype) == torch.float32 and A.shape[1] <= MAX_COMPILED_STATE
-              and CPU_KERNELS.load() is not None)
-    if not kernel:
-        return selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                       chunk_len, min_compile_elements)
-    compiled = _compiles(u, A, min_compile_elements)
-    return _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len,
-                         compiled, cpu_kernel=True)
+    if not cpu_kernels_available():
+        fallback = selective_scan_compiled if CPU_KERNELS.compiler_found else selective_scan_chunked
+        return fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
+    ct = _compute_dtype(u.dtype)
+
+    def time_major(t):
+        return None if t is None else t.permute(2, 0, 1).to(ct)
+
+    def vector(t):
+        return None if t is None else t.to(ct)
+
+    with torch.autocast('cpu', enabled=False):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+        out, _, last = selective_scan_fwd(
+            time_major(u), time_major(delta), A.to(ct), time_major(B), time_major(C), vector(D), time_major(z),
+            vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad)
+        out = out.to(u.dtype).permute(1, 2, 0)
+    return (out, last.permute(1, 2, 0).contiguous()) if return_last_state else out
 
 
 def selective_scan_mamba_ssm(

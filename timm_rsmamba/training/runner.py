@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
@@ -39,6 +40,8 @@ from .checkpoint import (AtomicCheckpointSaver, find_resume_checkpoint, load_ini
                          restore_training_state)
 from .curves import plot_training_curves
 from .engine import evaluate, train_one_epoch
+
+CURVES_INTERVAL_S = 20.  # training_curves.png is redrawn after an epoch if it is older than this, and at the end
 
 _logger = logging.getLogger('train')
 
@@ -518,6 +521,7 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
 
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver is not None else (None, None)
     last_eval: Optional[Dict[str, float]] = None
+    curves_drawn = -float('inf')
     interrupted = False
     try:
         for epoch in range(start_epoch, stop_epoch):
@@ -552,7 +556,10 @@ def train(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
                     {k: '' for k in EVAL_KEYS} if loader_eval is not None else None)
                 utils.update_summary(epoch, train_metrics, row_eval, filename=summary_csv,
                                      lr=sum(lrs) / len(lrs))
-                plot_training_curves(summary_csv, os.path.join(output_dir, 'training_curves.png'))
+                # drawing takes ~0.5 s: every epoch of a long run, at most every CURVES_INTERVAL_S of a quick one
+                if epoch == stop_epoch - 1 or time.monotonic() - curves_drawn >= CURVES_INTERVAL_S:
+                    plot_training_curves(summary_csv, os.path.join(output_dir, 'training_curves.png'))
+                    curves_drawn = time.monotonic()
 
             if loader_eval is None:
                 latest_metric = train_metrics['loss']

@@ -1,281 +1,899 @@
-// The Mamba mixer's two sequence kernels for CPUs: the selective scan (S6) forward, the math of
-// selective_scan_reference in ../scan.py, and the causal depthwise conv (+ SiLU) forward of ../conv.py.
+// The Mamba mixer's two sequence kernels for CPUs, forward and backward: the selective scan (S6), the math of
+// selective_scan_reference in ../scan.py, and the causal depthwise conv (+ SiLU) of ../conv.py.
 //
-// The scan makes one pass over the whole sequence per (sequence, block of channels): the block's states stay
-// in vector registers from the first position to the last, and exp, log1p and the sigmoid are inlined
-// polynomials. (The torch.compile'd chunk kernel stores and re-loads every state at each chunk edge and
-// calls an out-of-line vector exp, around which the compiler spills the states.) The conv is the same walk
-// with a few taps; its SiLU, an out-of-line exp in the compiled conv too, was most of that kernel's time.
+// Plain C++17 with no dependency, not even torch's headers: it builds in seconds with any g++ or clang++,
+// cross-compiles, and ../cpu_kernel.py loads it with ctypes through the extern "C" functions at the end
+// (raw pointers, sizes and strides; float32 and float64). Threads are std::threads started per call.
 //
-// Scan layouts: u, delta, z (L, batch, dim) and B, C (L, batch, state), each with a unit last stride;
-// A_t (state, dim), D and delta_bias (dim,) contiguous. Outputs: out (L, batch, dim); the state at the
-// start of every chunk of chunk_len positions, (chunks, state, batch, dim), which the autograd backward
-// re-computes its chunks from; the last state (state, batch, dim).
+// The scan walks the whole sequence once per (sequence, block of channels), a tile of positions at a time:
+// a prologue computes each position's delta and delta u for the tile, then each group of RSM_STATE_GROUP
+// states runs over the tile with its states in vector registers, and an epilogue gates the output. exp,
+// log1p and the sigmoid are inlined polynomials (float32; float64 calls libm, for gradcheck). The group size
+// is the register blocking, chosen per ISA by the loader: a group's states plus about eight temporaries must
+// fit the register file (AVX-512 and NEON have 32 vector registers, AVX2 16).
 //
-// Vectors are GCC/Clang vector extensions, RSM_VEC_BYTES wide (set by the loader from the CPU's ISA), so
-// the same source builds for AVX-512, AVX2, NEON or plain SSE2.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
+// The backward walks each sequence's chunks of chunk_len positions last to first. Per chunk and block of
+// channels it re-computes the chunk's states and decays from the state the forward saved at the chunk's
+// start into an L1-sized buffer, then runs the adjoint recurrence g_t = dy_t C_t + decay_{t+1} g_{t+1}
+// back over the chunk, carrying g from chunk to chunk. dB and dC sum over channels: a work item owns a
+// sequence (and a group of channel blocks), sums its blocks into vectors, and reduces them across lanes once
+// per chunk. dA, dD and d(delta_bias) sum over sequences: per-thread partials, added at the end.
+//
+// Scan layouts (element strides; the channel/state stride is 1): u, delta, z, dout (L, batch, dim) and B, C
+// (L, batch, state) with strides t and b; A (dim, state) with strides A_d, A_s; D, delta_bias (dim,).
+// Outputs are contiguous: out, du, ddelta, dz (L, batch, dim); dB, dC (L, batch, state); dA (dim, state);
+// the state at the start of every chunk, (chunks, state, batch, dim); the last state (state, batch, dim).
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef RSM_VEC_BYTES
 #define RSM_VEC_BYTES 16
 #endif
+#ifndef RSM_STATE_GROUP
+#define RSM_STATE_GROUP 16
+#endif
+#ifndef RSM_ADJOINT_GROUP
+#define RSM_ADJOINT_GROUP RSM_STATE_GROUP
+#endif
+#define RSM_STR2(x) #x
+#define RSM_STR(x) RSM_STR2(x)
+
+extern "C" {
+
+struct rsm_scan_args {
+  const void *u, *delta, *A, *B, *C, *D, *z, *delta_bias;  // D, z, delta_bias may be null
+  int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, A_d, A_s;
+  int64_t length, batch, dim, n_state, chunk_len, softplus, threads;
+  void *out, *starts, *last;  // forward outputs (starts null: nothing to save); the backward reads starts
+  const void *dout, *dlast;   // backward inputs; dlast (state, batch, dim) may be null
+  int64_t dout_t, dout_b;
+  void *du, *ddelta, *dz, *dA, *dB, *dC, *dD, *ddelta_bias;  // backward outputs; dz, dD, ddelta_bias may be null
+};
+
+struct rsm_conv_args {
+  const void *x, *weight, *bias, *dout;  // x, dout (L, batch, dim); weight (dim, taps); bias (dim,) may be null
+  int64_t x_t, x_b, dout_t, dout_b, w_d, w_k;
+  int64_t length, batch, dim, taps, silu, threads;
+  void *out, *dx, *dweight, *dbias;  // contiguous: out, dx (L, batch, dim); dweight (dim, taps); dbias (dim,)
+};
+
+}  // extern "C"
 
 namespace {
 
-constexpr int kLanes = RSM_VEC_BYTES / sizeof(float);
-constexpr int kMaxState = 16;  // the forward holds one register per state
 typedef float vfloat __attribute__((vector_size(RSM_VEC_BYTES)));
+typedef double vdouble __attribute__((vector_size(RSM_VEC_BYTES)));
 typedef int32_t vint __attribute__((vector_size(RSM_VEC_BYTES)));
 
-inline vfloat splat(float x) { return vfloat{} + x; }
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef vfloat type;
+};
+template <>
+struct VecOf<double> {
+  typedef vdouble type;
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = RSM_VEC_BYTES / sizeof(T);
+
+constexpr int kGroup = RSM_STATE_GROUP;
+constexpr int kAdjointGroup = RSM_ADJOINT_GROUP;
+constexpr int kTile = 32;  // scan forward positions per tile: its rows for all blocks of an item stay in L2
+constexpr int kConvTile = 32;
+constexpr int kMaxTaps = 8;  // conv backward positions per work item: it re-computes 3 more (the taps - 1)
+
+template <typename V, typename T>
+inline V splat(T x) {
+  return V{} + x;
+}
 
 // Full blocks move kLanes channels; the block at the end of an odd dim moves only `lanes`, zero-filled.
-template <bool kFull>
-inline vfloat load(const float* p, int lanes) {
-  vfloat v = {};
-  std::memcpy(&v, p, (kFull ? kLanes : lanes) * sizeof(float));
+template <bool kFull, typename T>
+inline Vec<T> load(const T* p, int lanes) {
+  Vec<T> v = {};
+  std::memcpy(&v, p, (kFull ? kLanes<T> : lanes) * sizeof(T));
   return v;
 }
 
-template <bool kFull>
-inline void store(float* p, vfloat v, int lanes) {
-  std::memcpy(p, &v, (kFull ? kLanes : lanes) * sizeof(float));
+template <bool kFull, typename T>
+inline void store(T* p, Vec<T> v, int lanes) {
+  std::memcpy(p, &v, (kFull ? kLanes<T> : lanes) * sizeof(T));
 }
 
-// 2^x = 2^k 2^f, x = k + f with k an integer and |f| <= 1/2. Adding 1.5 * 2^23 + 127 rounds x to k and
-// leaves k + 127 in the low mantissa bits, so shifting them into the exponent field builds 2^k with no
-// float-to-int conversion; 2^f is a degree-5 polynomial fitted for relative error (Lawson iterations on
-// [-1/2, 1/2]): within 2.5e-7 of 2^f after float rounding. Results below 2^-125 flush to 0 (no denormals).
-constexpr float kShift = 12582912.0f + 127.0f;
+template <bool kFull, typename T>
+inline void add_to(T* p, Vec<T> v, int lanes) {
+  store<kFull>(p, load<kFull>(p, lanes) + v, lanes);
+}
 
-inline vfloat pow2_times(vfloat t, vfloat f) {
+// ---- float32 math: inlined polynomials -------------------------------------------------------------------
+
+// 2^x = 2^k 2^f, x = k + f with k an integer and |f| <= 1/2. Adding 1.5 * 2^23 + 127 rounds x to k and
+// leaves k + 127 in the low mantissa bits; 2^f is a degree-5 polynomial fitted for relative error (Lawson
+// iterations on [-1/2, 1/2]): within 2.5e-7 of 2^f after float rounding. x = a b: with -ffp-contract=fast
+// both uses of a b fuse into FMAs, so the fraction is exact.
+constexpr float kShift = 12582912.0f + 127.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^(a b). kGuarded: any a b; below -125.5 the result is 0 (no denormals), above 127.5 +inf. Unguarded, the
+// caller guarantees -125.5 <= a b <= 127.5, two to three instructions fewer: the decays of a tile whose
+// deltas keep delta A in range (`decays_in_range`), nearly all of them.
+template <bool kGuarded>
+inline vfloat pow2_of_product(vfloat a, vfloat b) {
+  const vfloat t = a * b + kShift;
+  const vfloat k = t - kShift;
+  const vfloat f = a * b - k;
   vfloat p = f * 0.001327644451521337f + 0.00967553723603487f;
   p = p * f + 0.05550713464617729f;
   p = p * f + 0.24022120237350464f;
   p = p * f + 0.6931469440460205f;
   p = p * f + 1.0000001192092896f;
-  const vfloat r = p * (vfloat)((vint)t << 23);
-  return t < kShift - 125.5f ? vfloat{} : r;
+#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
+  // vscalefps: p 2^k in one instruction, zeroed (masked) below the range
+  if constexpr (kGuarded) {
+    const __mmask16 normal = _mm512_cmp_ps_mask((__m512)k, _mm512_set1_ps(-125.5f), _CMP_GE_OQ);
+    const vfloat r = (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, (__m512)k);
+    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r;
+  }
+  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)k);
+#else
+  const vfloat r = p * (vfloat)((vint)t << 23);  // k + 127 shifted into the exponent field: 2^k p
+  if constexpr (kGuarded) {
+    const vfloat r_low = k < -125.5f ? vfloat{} : r;
+    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
+  }
+  return r;
+#endif
 }
 
-// 2^(a b). Without kMayOverflow the caller guarantees a b <= 127 (the decays: a b <= 0 when A <= 0 and
-// delta >= 0); with it, larger a b give +inf. With -ffp-contract=fast both uses of a b fuse into FMAs, so
-// the fraction is exact.
-template <bool kMayOverflow>
-inline vfloat pow2_of_product(vfloat a, vfloat b) {
-  const vfloat t = a * b + kShift;
-  const vfloat f = a * b - (t - kShift);
-  const vfloat r = pow2_times(t, f);
-  if constexpr (kMayOverflow) {
-    return t > kShift + 127.5f ? splat(__builtin_inff()) : r;
+// log(1 + w) for w in [0, 1]: w q(w), q a degree-8 polynomial fitted for relative error (Lawson iterations):
+// within 3e-8 of log1p, 2.5e-7 after float rounding. No division, unlike the atanh series.
+inline vfloat vlog1p_unit(vfloat w) {
+  vfloat q = w * 0.005232599098235369f - 0.029504867270588875f;
+  q = q * w + 0.07822536677122116f;
+  q = q * w - 0.13663198053836823f;
+  q = q * w + 0.19105985760688782f;
+  q = q * w - 0.2484297752380371f;
+  q = q * w + 0.3331909477710724f;
+  q = q * w - 0.4999949336051941f;
+  q = q * w + 0.9999999403953552f;
+  return w * q;
+}
+
+// exp(-|x|), in (0, 1]. Below -87 (-125.5 in log2) it stays at exp(-87) ~ 2e-38 instead of going to 0:
+// the same to softplus and sigmoid within float precision, and the unguarded 2^x needs no test.
+inline vfloat vexp_neg_abs(vfloat x) {
+  const vfloat neg_abs = x < vfloat{} ? x : -x;
+  const vfloat clamped = neg_abs < -87.0f ? splat<vfloat>(-87.0f) : neg_abs;  // NaN stays NaN
+  return pow2_of_product<false>(clamped, splat<vfloat>(kLog2e));
+}
+
+// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, else e / (1 + e); nothing overflows.
+inline vfloat vsigmoid_from(vfloat x, vfloat e) {
+  const vfloat r = 1.0f / (1.0f + e);
+  return x < vfloat{} ? e * r : r;
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) and, from the same exp, its derivative sigmoid(x). NaN stays NaN.
+inline vfloat vsoftplus(vfloat x, vfloat* sigmoid = nullptr) {
+  const vfloat e = vexp_neg_abs(x);
+  if (sigmoid) *sigmoid = vsigmoid_from(x, e);
+  return (x <= vfloat{} ? vfloat{} : x) + vlog1p_unit(e);
+}
+
+inline vfloat vsigmoid(vfloat x) { return vsigmoid_from(x, vexp_neg_abs(x)); }
+
+// ---- float64 math: libm, lane by lane (gradcheck runs the kernels' own loops in float64) --------------------
+
+template <typename F>
+inline vdouble lanewise(vdouble x, F f) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = f(x[i]);
+  return x;
+}
+
+template <bool kGuarded>
+inline vdouble pow2_of_product(vdouble a, vdouble b) {
+  return lanewise(a * b, [](double v) { return std::exp2(v); });
+}
+
+inline vdouble vsigmoid(vdouble x) {
+  return lanewise(x, [](double v) { return 1.0 / (1.0 + std::exp(-v)); });
+}
+
+inline vdouble vsoftplus(vdouble x, vdouble* sigmoid = nullptr) {
+  if (sigmoid) *sigmoid = vsigmoid(x);
+  return lanewise(x, [](double v) { return std::max(v, 0.0) + std::log1p(std::exp(-std::fabs(v))); });
+}
+
+template <typename V>
+inline V vsilu(V z) {
+  return z * vsigmoid(z);
+}
+
+// d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+template <typename V>
+inline V vsilu_grad(V z) {
+  const V s = vsigmoid(z);
+  return s * (1 + z * (1 - s));
+}
+
+// ---- threads ---------------------------------------------------------------------------------------------
+
+// libgomp's entry point for a parallel region (GCC's OpenMP ABI, also exported by LLVM's and Intel's
+// runtimes). The loader hands over the one torch runs its own threads with, if the process has one: its
+// workers spin for a while after each of torch's ops, and threads of our own would share the cores with
+// them (a scan right after a matmul took 30% longer).
+typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+std::atomic<GompParallel> gomp_parallel{nullptr};
+
+template <typename F>
+struct ParallelLoop {
+  const F& fn;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> threads{0};
+  void work(int thread) {
+    for (int64_t i = next++; i < items; i = next++) fn(i, thread);
+  }
+  static void region(void* self) {
+    auto* loop = static_cast<ParallelLoop*>(self);
+    loop->work(loop->threads++);
+  }
+};
+
+// Runs fn(item, thread) for every item on up to `threads` threads (this one included), items handed out in
+// order as threads become free; fn must not throw.
+template <typename F>
+void parallel_for(int64_t items, int64_t threads, const F& fn) {
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min(threads, items)));
+  ParallelLoop<F> loop{fn, items};
+  if (n == 1) {
+    loop.work(0);
+  } else if (GompParallel region = gomp_parallel.load()) {
+    region(&ParallelLoop<F>::region, &loop, static_cast<unsigned>(n), 0);
   } else {
-    return r;
+    std::vector<std::thread> pool;
+    pool.reserve(n - 1);
+    for (int t = 1; t < n; ++t) pool.emplace_back([&loop, t] { loop.work(t); });
+    loop.work(0);
+    for (auto& t : pool) t.join();
   }
 }
 
-inline vfloat vexp(vfloat x) { return pow2_of_product<true>(x, splat(1.44269504088896341f)); }
-
-// log(1 + w) for w in [0, 1]: 2 atanh(s) with s = w / (2 + w) <= 1/3, its odd series to s^13 (error < 1e-8).
-inline vfloat vlog1p_unit(vfloat w) {
-  const vfloat s = w / (w + 2.0f);
-  const vfloat s2 = s * s;
-  vfloat q = s2 * (1.0f / 13) + (1.0f / 11);
-  q = q * s2 + (1.0f / 9);
-  q = q * s2 + (1.0f / 7);
-  q = q * s2 + (1.0f / 5);
-  q = q * s2 + (1.0f / 3);
-  const vfloat two_s = s + s;
-  return two_s + two_s * (q * s2);
-}
-
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)); a NaN stays NaN.
-inline vfloat vsoftplus(vfloat x) {
-  const vfloat zero = {};
-  const vfloat neg_abs = x < zero ? x : -x;
-  return (x <= zero ? zero : x) + vlog1p_unit(pow2_of_product<false>(neg_abs, splat(1.44269504088896341f)));
-}
-
-inline vfloat vsilu(vfloat z) { return z / (1.0f + vexp(-z)); }
-
-struct ScanArgs {
-  const float *u, *delta, *z, *B, *C, *A2, *D, *delta_bias;  // A2 = A log2(e), state-major (state, dim)
-  int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b;  // strides (elements)
-  int64_t length, batch, dim, n_state;
-  bool softplus;
-  int64_t chunk_len;
-  float *out, *starts, *last;  // starts may be null: nothing to save for a backward
+// Per-work-item partial sums of a parameter gradient, added into `out` in item order at the end: the same
+// sum whichever thread ran which item, so a run repeats bit for bit (exact resume depends on it).
+template <typename T>
+struct Partials {
+  std::vector<std::vector<T>> parts;
+  Partials(int64_t items, int64_t size) : parts(std::max<int64_t>(1, items), std::vector<T>(size)) {}
+  T* of(int64_t item) { return parts[item].data(); }
+  void sum_into(T* out) const {
+    const size_t size = parts[0].size();
+    std::fill(out, out + size, T(0));
+    for (const auto& p : parts) {
+      for (size_t i = 0; i < size; ++i) out[i] += p[i];
+    }
+  }
 };
 
-// One sequence b, channels d0 .. d0 + lanes, all positions. N: the state size, or 0 to read it at run time
-// (sizes other than 16, the one every RSMamba variant uses: slower, the loops index the states at run time).
-template <int N, bool kFull, bool kMayOverflow>
-void scan_block(const ScanArgs& a, int64_t b, int64_t d0, int lanes) {
-  const int n = N ? N : static_cast<int>(a.n_state);
-  const int64_t plane = a.batch * a.dim;  // one state of every (batch, channel)
-  vfloat h[N ? N : kMaxState];
-  for (int s = 0; s < n; ++s) h[s] = vfloat{};
-  const vfloat D = a.D ? load<kFull>(a.D + d0, lanes) : vfloat{};
-  const vfloat bias = a.delta_bias ? load<kFull>(a.delta_bias + d0, lanes) : vfloat{};
-  const float* A2 = a.A2 + d0;
-  for (int64_t t = 0; t < a.length; ++t) {
-    if (a.starts && t % a.chunk_len == 0) {
-      float* dst = a.starts + (t / a.chunk_len) * n * plane + b * a.dim + d0;
-      for (int s = 0; s < n; ++s) store<kFull>(dst + s * plane, h[s], lanes);
+// ---- scan ------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Scan {
+  const T *u, *delta, *z, *B, *C, *D, *bias, *dout, *dlast;
+  std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
+  int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, dout_t, dout_b;
+  int64_t length, batch, dim, n, chunk_len, threads, blocks, plane;
+  bool softplus, decays_at_most_one;
+
+  explicit Scan(const rsm_scan_args& a)
+      : u(static_cast<const T*>(a.u)), delta(static_cast<const T*>(a.delta)), z(static_cast<const T*>(a.z)),
+        B(static_cast<const T*>(a.B)), C(static_cast<const T*>(a.C)), D(static_cast<const T*>(a.D)),
+        bias(static_cast<const T*>(a.delta_bias)), dout(static_cast<const T*>(a.dout)),
+        dlast(static_cast<const T*>(a.dlast)), A(a.n_state * a.dim), A2(a.n_state * a.dim),
+        u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
+        B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
+        batch(a.batch), dim(a.dim), n(a.n_state), chunk_len(a.chunk_len), threads(std::max<int64_t>(1, a.threads)),
+        blocks((a.dim + kLanes<T> - 1) / kLanes<T>), plane(a.batch * a.dim), softplus(a.softplus != 0) {
+    const T* A_in = static_cast<const T*>(a.A);
+    T a_max = -INFINITY;
+    for (int64_t s = 0; s < n; ++s) {
+      for (int64_t d = 0; d < dim; ++d) {
+        const T v = A_in[d * a.A_d + s * a.A_s];
+        A[s * dim + d] = v;
+        A2[s * dim + d] = v * static_cast<T>(1.44269504088896340736);
+        a_max = std::max(a_max, v);
+      }
     }
-    vfloat delta = load<kFull>(a.delta + t * a.delta_t + b * a.delta_b + d0, lanes) + bias;
-    if (a.softplus) delta = vsoftplus(delta);
-    const vfloat u = load<kFull>(a.u + t * a.u_t + b * a.u_b + d0, lanes);
-    const vfloat drive = delta * u;
-    const float* Bt = a.B + t * a.B_t + b * a.B_b;
-    const float* Ct = a.C + t * a.C_t + b * a.C_b;
-    vfloat y_even = D * u, y_odd = {};  // two sums: half the readout's dependency chain
+    // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) delta A <= 0
+    decays_at_most_one = softplus && a_max <= 0;
+  }
+};
+
+// The work of one call cut into items of one sequence and a range of its channel blocks: whole sequences when
+// there are enough for the threads, else each in a few ranges.
+struct WorkItems {
+  int64_t groups, per_group, blocks;
+  WorkItems(int64_t batch, int64_t blocks_, int64_t threads)
+      : groups(std::min(blocks_, std::max<int64_t>(1, (2 * threads + batch - 1) / batch))),
+        per_group((blocks_ + groups - 1) / groups), blocks(blocks_) {}
+  int64_t count(int64_t batch) const { return batch * groups; }
+  int64_t first(int64_t item) const { return item % groups * per_group; }
+  int64_t end(int64_t item) const { return std::min(blocks, first(item) + per_group); }
+};
+
+// Calls block(std::true_type if the block is full else std::false_type, index within the range, first
+// channel, lanes) for blocks k0 .. k1.
+template <typename T, typename F>
+void for_each_block(int64_t dim, int64_t k0, int64_t k1, const F& block) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t d0 = k * kLanes<T>;
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes<T>, dim - d0));
+    if (lanes == kLanes<T>) {
+      block(std::true_type{}, k - k0, d0, lanes);
+    } else {
+      block(std::false_type{}, k - k0, d0, lanes);
+    }
+  }
+}
+
+// Calls group(count as a compile-time constant, or 0 for the tail, s0, count) for the groups of states.
+template <int kGroupSize, typename F>
+void for_each_group(int n, const F& group) {
+  const int full = n / kGroupSize * kGroupSize;
+  for (int s0 = 0; s0 < full; s0 += kGroupSize) group(std::integral_constant<int, kGroupSize>{}, s0, kGroupSize);
+  if (full < n) group(std::integral_constant<int, 0>{}, full, n - full);
+}
+
+// Per position of a tile (or chunk) and block of the item, what the states' loops read and write: the
+// prologue and the epilogue walk them position by position through all blocks, so u, delta, z and the
+// outputs stream through memory row by row; the states' loops then walk one block through the tile.
+// (Walking a block's own column of 64 bytes per position through the whole sequence missed the caches on
+// every position: the scan ran at half its speed.)
+template <typename T>
+struct Rows {
+  int64_t blocks;
+  std::vector<Vec<T>> deltas, drives, ys, sigs, dys, ddeltas, gbs;
+  Rows(int64_t positions, int64_t blocks_, bool backward)
+      : blocks(blocks_), deltas(positions * blocks), drives(deltas.size()), ys(deltas.size()),
+        sigs(backward ? deltas.size() : 0), dys(sigs.size()), ddeltas(sigs.size()), gbs(sigs.size()) {}
+  int64_t at(int i, int64_t k) const { return i * blocks + k; }
+};
+
+// delta = softplus(delta_raw + delta_bias) (or without softplus), delta u and D u at positions t0 .. t0 + tl
+// for blocks k0 .. k1; with kBackward also sigmoid(delta_raw + delta_bias) and dL/dy = dout silu(z).
+template <typename T, bool kBackward>
+void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int tl, Rows<T>& r) {
+  typedef Vec<T> V;
+  for (int i = 0; i < tl; ++i) {
+    const int64_t t = t0 + i;
+    for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      if (t + tl < p.length) {  // the next tile's rows reach the cache while this tile's states run
+        __builtin_prefetch(p.delta + (t + tl) * p.delta_t + b * p.delta_b + d0);
+        __builtin_prefetch(p.u + (t + tl) * p.u_t + b * p.u_b + d0);
+        if (p.z) __builtin_prefetch(p.z + (t + tl) * p.z_t + b * p.z_b + d0);
+      }
+      V pre = load<kFull>(p.delta + t * p.delta_t + b * p.delta_b + d0, lanes);
+      if (p.bias) pre = pre + load<kFull>(p.bias + d0, lanes);
+      V sig = {};
+      const V dl = p.softplus ? vsoftplus(pre, kBackward ? &sig : nullptr) : pre;
+      const V u = load<kFull>(p.u + t * p.u_t + b * p.u_b + d0, lanes);
+      const int64_t at = r.at(i, k);
+      r.deltas[at] = dl;
+      r.drives[at] = dl * u;
+      r.ys[at] = p.D ? load<kFull>(p.D + d0, lanes) * u : V{};
+      if constexpr (kBackward) {
+        V dy = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
+        if (p.z) dy = dy * vsilu(load<kFull>(p.z + t * p.z_t + b * p.z_b + d0, lanes));
+        r.sigs[at] = sig;
+        r.dys[at] = dy;
+        r.ddeltas[at] = V{};
+        r.gbs[at] = V{};
+      }
+    });
+  }
+}
+
+// Whether every decay of block k over the tile's tl positions is in pow2_of_product's unguarded range:
+// delta A <= 0 everywhere, and the tile's largest delta times the block's most negative A log2(e) >= -125.
+template <typename T>
+bool decays_in_range(const Scan<T>& p, const Rows<T>& r, int64_t k, int tl, Vec<T> a2_min) {
+  typedef Vec<T> V;
+  if (!p.decays_at_most_one) return false;
+  V most = r.deltas[r.at(0, k)];
+  for (int i = 1; i < tl; ++i) {
+    const V dl = r.deltas[r.at(i, k)];
+    most = dl > most ? dl : most;
+  }
+  const V x = most * a2_min;
+  for (int l = 0; l < kLanes<T>; ++l) {
+    if (!(x[l] >= -125)) return false;
+  }
+  return true;
+}
+
+// One group of states [s0, s0 + count) of block k over positions t0 .. t0 + tl: h = decay h + drive B and
+// y += <h, C>, with the group's states in registers. kCount: the count at compile time (the states unrolled),
+// or 0 for a tail group. Saves the states at chunk starts (forward: `starts` not null), or with kKeep keeps
+// every state and decay for the adjoint pass and sums dC_t += dy_t h_t (re-computation in the backward).
+template <typename T, int kCount, bool kFull, bool kGuarded, bool kKeep>
+void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl, int s0,
+                    int count, Vec<T>* state, const Vec<T>* a2, Rows<T>& r, T* starts, Vec<T>* hs,
+                    Vec<T>* decays, Vec<T>* dC) {
+  typedef Vec<T> V;
+  const int m = kCount ? kCount : count;
+  const int64_t n = p.n;
+  V h[kCount ? kCount : kGroup];
+  for (int s = 0; s < m; ++s) h[s] = state[s0 + s];
+  for (int i = 0; i < tl; ++i) {
+    const int64_t t = t0 + i;
+    if (starts && t % p.chunk_len == 0) {
+      T* dst = starts + ((t / p.chunk_len) * n + s0) * p.plane + b * p.dim + d0;
+      for (int s = 0; s < m; ++s) store<kFull>(dst + s * p.plane, h[s], lanes);
+    }
+    const T* Bt = p.B + t * p.B_t + b * p.B_b + s0;
+    const T* Ct = p.C + t * p.C_t + b * p.C_b + s0;
+    const int64_t at = r.at(i, k);
+    const V dl = r.deltas[at], drive = r.drives[at];
+    V y_even = {}, y_odd = {};  // two sums: half the readout's dependency chain
 #pragma GCC unroll 16
-    for (int s = 0; s < n; ++s) {
-      const vfloat decay = pow2_of_product<kMayOverflow>(delta, load<kFull>(A2 + s * a.dim, lanes));
+    for (int s = 0; s < m; ++s) {
+      const V decay = pow2_of_product<kGuarded>(dl, a2[s0 + s]);
       h[s] = decay * h[s] + drive * Bt[s];
+      if constexpr (kKeep) {
+        decays[i * n + s0 + s] = decay;
+        hs[(i + 1) * n + s0 + s] = h[s];
+        dC[i * n + s0 + s] = dC[i * n + s0 + s] + r.dys[at] * h[s];
+      }
       if (s % 2) {
         y_odd = y_odd + h[s] * Ct[s];
       } else {
         y_even = y_even + h[s] * Ct[s];
       }
     }
-    vfloat y = y_even + y_odd;
-    if (a.z) y = y * vsilu(load<kFull>(a.z + t * a.z_t + b * a.z_b + d0, lanes));
-    store<kFull>(a.out + (t * a.batch + b) * a.dim + d0, y, lanes);
+    r.ys[at] = r.ys[at] + (y_even + y_odd);
   }
-  for (int s = 0; s < n; ++s) store<kFull>(a.last + s * plane + b * a.dim + d0, h[s], lanes);
+  for (int s = 0; s < m; ++s) state[s0 + s] = h[s];
 }
 
-// Runs block(b, d0, lanes) over every (sequence, block of kLanes channels) on the intra-op threads.
-template <typename Block>
-void for_each_channel_block(int64_t batch, int64_t dim, const Block& block) {
-  const int64_t blocks = (dim + kLanes - 1) / kLanes;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / blocks, d0 = (i % blocks) * kLanes;
-      block(b, d0, static_cast<int>(std::min<int64_t>(kLanes, dim - d0)));
+// All states of block k over the tile, group by group; the unguarded decays where they are in range (float32;
+// float64's libm needs no guard).
+template <typename T, bool kFull, bool kKeep>
+void block_states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl,
+                          Vec<T>* state, const Vec<T>* a2, Vec<T> a2_min, Rows<T>& r, T* starts, Vec<T>* hs,
+                          Vec<T>* decays, Vec<T>* dC) {
+  const bool in_range = std::is_same<T, float>::value && decays_in_range(p, r, k, tl, a2_min);
+  for_each_group<kGroup>(static_cast<int>(p.n), [&](auto count, int s0, int m) {
+    constexpr int kCount = decltype(count)::value;
+    if (kCount && in_range) {
+      states_forward<T, kCount, kFull, false, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
+                                                     decays, dC);
+    } else {
+      states_forward<T, kCount, kFull, true, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
+                                                    decays, dC);
     }
   });
 }
 
-template <int N, bool kMayOverflow>
-void scan_all(const ScanArgs& a) {
-  for_each_channel_block(a.batch, a.dim, [&](int64_t b, int64_t d0, int lanes) {
-    if (lanes == kLanes) {
-      scan_block<N, true, kMayOverflow>(a, b, d0, lanes);
-    } else {
-      scan_block<N, false, kMayOverflow>(a, b, d0, lanes);
+// The smallest A log2(e) over the states of each lane of a block.
+template <typename T>
+Vec<T> smallest(const Vec<T>* a2, int64_t n) {
+  Vec<T> m = a2[0];
+  for (int64_t s = 1; s < n; ++s) m = a2[s] < m ? a2[s] : m;
+  return m;
+}
+
+// The scratch of one forward work item: per block of the item its A2, the smallest of those, and its states
+// between tiles.
+template <typename T>
+struct ForwardScratch {
+  std::vector<Vec<T>> a2, a2_min, state;
+  Rows<T> rows;
+  ForwardScratch(int64_t n, int64_t blocks)
+      : a2(blocks * n), a2_min(blocks), state(blocks * n), rows(kTile, blocks, false) {}
+};
+
+template <typename T>
+void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
+  typedef Vec<T> V;
+  const int64_t n = p.n;
+  const WorkItems items(p.batch, p.blocks, p.threads);
+  std::vector<ForwardScratch<T>> scratch(p.threads, ForwardScratch<T>(n, items.per_group));
+  parallel_for(items.count(p.batch), p.threads, [&](int64_t item, int thread) {
+    const int64_t b = item / items.groups, k0 = items.first(item), k1 = items.end(item);
+    ForwardScratch<T>& w = scratch[thread];
+    for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+      for (int64_t s = 0; s < n; ++s) {
+        w.a2[k * n + s] = load<decltype(full)::value>(p.A2.data() + s * p.dim + d0, lanes);
+        w.state[k * n + s] = V{};
+      }
+      w.a2_min[k] = smallest<T>(w.a2.data() + k * n, n);
+    });
+    for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
+      const int tl = static_cast<int>(std::min<int64_t>(kTile, p.length - t0));
+      prologue<T, false>(p, b, k0, k1, t0, tl, w.rows);
+      for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+        block_states_forward<T, decltype(full)::value, false>(p, b, d0, lanes, k, t0, tl, w.state.data() + k * n,
+                                                              w.a2.data() + k * n, w.a2_min[k], w.rows, starts,
+                                                              nullptr, nullptr, nullptr);
+      });
+      for (int i = 0; i < tl; ++i) {  // epilogue: out = y silu(z)
+        const int64_t t = t0 + i;
+        for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+          constexpr bool kFull = decltype(full)::value;
+          V y = w.rows.ys[w.rows.at(i, k)];
+          if (p.z) y = y * vsilu(load<kFull>(p.z + t * p.z_t + b * p.z_b + d0, lanes));
+          store<kFull>(out + (t * p.batch + b) * p.dim + d0, y, lanes);
+        });
+      }
     }
+    for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+      for (int64_t s = 0; s < n; ++s) {
+        store<decltype(full)::value>(last + s * p.plane + b * p.dim + d0, w.state[k * n + s], lanes);
+      }
+    });
   });
 }
 
-// out[t] = bias + sum_k weight[:, k] x[t - (K-1) + k], then SiLU if asked, for the channels d0 .. d0 + lanes
-// of one (position, sequence). x (L, batch, dim) with a unit last stride; weight_t (K, dim) contiguous.
-template <bool kFull>
-inline vfloat conv_at(const float* x, int64_t x_t, const float* weight_t, int64_t taps, int64_t dim,
-                      vfloat acc, bool silu, int64_t t, int64_t d0, int lanes) {
-  for (int64_t k = std::max<int64_t>(0, taps - 1 - t); k < taps; ++k) {
-    acc = acc + load<kFull>(weight_t + k * dim + d0, lanes) * load<kFull>(x + (t - (taps - 1) + k) * x_t + d0, lanes);
+// The adjoint pass of one group of states of block k back over the chunk: per position t (last first) and
+// state, g = dy_t C_t + carry is dL/dh_t; dB_t += g delta_t u_t; with gd = g h_{t-1} decay_t = dL/d(delta_t A):
+// dA += gd delta_t, d(delta_t) += gd A + g B_t u_t; and the carry to t-1 is decay_t g.
+template <typename T, int kCount, bool kFull>
+void states_adjoint(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int cl, int s0,
+                    int count, Vec<T>* carry, const Vec<T>* a, const Vec<T>* hs, const Vec<T>* decays, Vec<T>* dB,
+                    Rows<T>& r, T* dA) {
+  typedef Vec<T> V;
+  const int m = kCount ? kCount : count;
+  const int64_t n = p.n;
+  V g[kCount ? kCount : kAdjointGroup], dA_sum[kCount ? kCount : kAdjointGroup];
+  for (int s = 0; s < m; ++s) {
+    g[s] = carry[s0 + s];
+    dA_sum[s] = V{};
   }
-  return silu ? vsilu(acc) : acc;
-}
-
-template <bool kMayOverflow>
-void scan_any_state(const ScanArgs& a) {
-  if (a.n_state == kMaxState) {
-    scan_all<kMaxState, kMayOverflow>(a);
-  } else {
-    scan_all<0, kMayOverflow>(a);
-  }
-}
-
-const float* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "mamba_cpu: ", name,
-              " must be a float32 CPU tensor");
-  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "mamba_cpu: ", name,
-              " must be (length, batch, channels) with unit channel stride");
-}
-
-}  // namespace
-
-std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A_t,
-                                     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
-                                     const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                     bool softplus, int64_t chunk_len, bool save_starts) {
-  for (auto [t, name] : {std::pair{&u, "u"}, {&delta, "delta"}, {&B, "B"}, {&C, "C"}}) check_input(*t, name);
-  if (z.has_value()) check_input(*z, "z");
-  const int64_t length = u.size(0), batch = u.size(1), dim = u.size(2), n = A_t.size(0);
-  TORCH_CHECK(A_t.is_contiguous() && A_t.size(1) == dim, "mamba_cpu: A_t must be contiguous (state, dim)");
-  TORCH_CHECK(n >= 1 && n <= kMaxState, "mamba_cpu: state size must be 1..", kMaxState, ", got ", n);
-  TORCH_CHECK(chunk_len >= 1, "mamba_cpu: chunk_len must be positive");
-  auto opts = u.options();
-  at::Tensor out = at::empty({length, batch, dim}, opts);
-  at::Tensor last = at::empty({n, batch, dim}, opts);
-  at::Tensor starts = save_starts ? at::empty({(length + chunk_len - 1) / chunk_len, n, batch, dim}, opts)
-                                  : at::empty({0}, opts);
-  const at::Tensor A2 = A_t * 1.44269504088896341;
-  // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) no decay can overflow
-  const bool may_overflow = !softplus || A_t.max().item<float>() > 0;
-  const at::Tensor& zz = z.has_value() ? *z : u;  // strides only; the pointer says whether z is there
-  ScanArgs a{u.data_ptr<float>(), delta.data_ptr<float>(), data_or_null(z), B.data_ptr<float>(),
-             C.data_ptr<float>(), A2.data_ptr<float>(), data_or_null(D), data_or_null(delta_bias),
-             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-             B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-             length, batch, dim, n, softplus, chunk_len,
-             out.data_ptr<float>(), save_starts ? starts.data_ptr<float>() : nullptr, last.data_ptr<float>()};
-  {
-    pybind11::gil_scoped_release no_gil;
-    if (may_overflow) {
-      scan_any_state<true>(a);
-    } else {
-      scan_any_state<false>(a);
+  for (int i = cl - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const T* Bt = p.B + t * p.B_t + b * p.B_b + s0;
+    const T* Ct = p.C + t * p.C_t + b * p.C_b + s0;
+    const int64_t at = r.at(i, k);
+    const V dl = r.deltas[at], drive = r.drives[at], dy = r.dys[at];
+    const V* h_prev = hs + i * n + s0;
+    const V* decay = decays + i * n + s0;
+    V* dB_t = dB + i * n + s0;
+    V ddelta = {}, gb = {};
+#pragma GCC unroll 16
+    for (int s = 0; s < m; ++s) {
+      const V gs = g[s] + dy * Ct[s];
+      dB_t[s] = dB_t[s] + gs * drive;
+      const V gd = gs * h_prev[s] * decay[s];
+      dA_sum[s] = dA_sum[s] + gd * dl;
+      ddelta = ddelta + gd * a[s0 + s];
+      gb = gb + gs * Bt[s];
+      g[s] = gs * decay[s];
     }
+    r.ddeltas[at] = r.ddeltas[at] + ddelta;
+    r.gbs[at] = r.gbs[at] + gb;
   }
-  return {out, starts, last};
+  for (int s = 0; s < m; ++s) {
+    carry[s0 + s] = g[s];
+    add_to<kFull>(dA + (s0 + s) * p.dim + d0, dA_sum[s], lanes);
+  }
 }
 
-at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
-                        bool silu) {
-  check_input(x, "x");
-  const int64_t length = x.size(0), batch = x.size(1), dim = x.size(2), taps = weight_t.size(0);
-  TORCH_CHECK(weight_t.is_contiguous() && weight_t.size(1) == dim,
-              "mamba_cpu: weight_t must be contiguous (taps, dim)");
-  at::Tensor out = at::empty({length, batch, dim}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = weight_t.data_ptr<float>(), *bp = data_or_null(bias);
-  float* op = out.data_ptr<float>();
-  const int64_t x_t = x.stride(0), x_b = x.stride(1), full = dim / kLanes * kLanes;
-  pybind11::gil_scoped_release no_gil;
-  // no recurrence here: threads take ranges of positions and stream through memory in order
-  at::parallel_for(0, length, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t b = 0; b < batch; ++b) {
-        const float* xb = xp + b * x_b;
-        float* ob = op + (t * batch + b) * dim;
-        for (int64_t d0 = 0; d0 < full; d0 += kLanes) {
-          const vfloat acc = bp ? load<true>(bp + d0, kLanes) : vfloat{};
-          store<true>(ob + d0, conv_at<true>(xb, x_t, wp, taps, dim, acc, silu, t, d0, kLanes), kLanes);
-        }
-        if (full < dim) {
-          const int lanes = static_cast<int>(dim - full);
-          const vfloat acc = bp ? load<false>(bp + full, lanes) : vfloat{};
-          store<false>(ob + full, conv_at<false>(xb, x_t, wp, taps, dim, acc, silu, t, full, lanes), lanes);
+// The scratch of one backward work item, for one chunk of up to chunk_len positions: the chunk's states
+// h_0 .. h_cl (h_0 its start) and decays per (position, state) of the block at hand, the dB and dC sums over
+// the item's blocks, the running state of the re-computation, and per block of the item its A, A2 and the
+// state gradient carried to the chunk before.
+template <typename T>
+struct BackwardScratch {
+  std::vector<Vec<T>> hs, decays, dB, dC, state, a, a2, a2_min, carry;
+  Rows<T> rows;
+  BackwardScratch(int64_t n, int64_t chunk_len, int64_t blocks)
+      : hs((chunk_len + 1) * n), decays(chunk_len * n), dB(chunk_len * n), dC(chunk_len * n), state(n),
+        a(blocks * n), a2(blocks * n), a2_min(blocks), carry(blocks * n), rows(chunk_len, blocks, true) {}
+};
+
+// One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
+// then, position by position, du, d(delta), dz and the sums for dD and d(delta_bias).
+template <typename T>
+void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int cl, BackwardScratch<T>& w,
+                    const T* starts, T* du, T* ddelta, T* dz, T* dA, T* dD, T* dbias) {
+  typedef Vec<T> V;
+  const int64_t n = p.n;
+  const int ni = static_cast<int>(n);
+  Rows<T>& r = w.rows;
+  prologue<T, true>(p, b, k0, k1, t0, cl, r);
+  for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+    constexpr bool kFull = decltype(full)::value;
+    const T* start = starts + (t0 / p.chunk_len) * n * p.plane + b * p.dim + d0;
+    for (int64_t s = 0; s < n; ++s) w.state[s] = w.hs[s] = load<kFull>(start + s * p.plane, lanes);
+    block_states_forward<T, kFull, true>(p, b, d0, lanes, k, t0, cl, w.state.data(), w.a2.data() + k * n,
+                                         w.a2_min[k], r, nullptr, w.hs.data(), w.decays.data(), w.dC.data());
+    for_each_group<kAdjointGroup>(ni, [&](auto count, int s0, int m) {
+      states_adjoint<T, decltype(count)::value, kFull>(p, b, d0, lanes, k, t0, cl, s0, m, w.carry.data() + k * n,
+                                                       w.a.data() + k * n, w.hs.data(), w.decays.data(),
+                                                       w.dB.data(), r, dA);
+    });
+  });
+  for (int i = 0; i < cl; ++i) {  // epilogue
+    const int64_t t = t0 + i;
+    for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      const int64_t at = r.at(i, k), row = (t * p.batch + b) * p.dim + d0;
+      const V u = load<kFull>(p.u + t * p.u_t + b * p.u_b + d0, lanes);
+      const V gb = r.gbs[at], dy = r.dys[at];
+      V dd = r.ddeltas[at] + gb * u;
+      if (p.softplus) dd = dd * r.sigs[at];
+      const V D = p.D ? load<kFull>(p.D + d0, lanes) : V{};
+      store<kFull>(du + row, gb * r.deltas[at] + dy * D, lanes);
+      store<kFull>(ddelta + row, dd, lanes);
+      if (p.z) {
+        const V zt = load<kFull>(p.z + t * p.z_t + b * p.z_b + d0, lanes);
+        const V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
+        store<kFull>(dz + row, g * r.ys[at] * vsilu_grad(zt), lanes);
+      }
+      add_to<kFull>(dD + d0, dy * u, lanes);
+      add_to<kFull>(dbias + d0, dd, lanes);
+    });
+  }
+}
+
+template <typename T>
+void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T* dA_out, T* dB_out, T* dC_out,
+                   T* dD_out, T* dbias_out) {
+  typedef Vec<T> V;
+  const int64_t n = p.n, chunks = (p.length + p.chunk_len - 1) / p.chunk_len, rows = p.length * p.batch * n;
+  const WorkItems items(p.batch, p.blocks, p.threads);
+  // dB, dC: written directly by a sequence's only item, else per-range partials summed at the end
+  std::vector<T> dB_parts(items.groups > 1 ? items.groups * rows : 0), dC_parts(dB_parts.size());
+  const int64_t count = items.count(p.batch);
+  Partials<T> dA(count, n * p.dim), dD(count, p.dim), dbias(count, p.dim);
+  std::vector<BackwardScratch<T>> scratch(p.threads, BackwardScratch<T>(n, p.chunk_len, items.per_group));
+  parallel_for(items.count(p.batch), p.threads, [&](int64_t item, int thread) {
+    const int64_t b = item / items.groups, group = item % items.groups;
+    const int64_t k0 = items.first(item), k1 = items.end(item);
+    BackwardScratch<T>& w = scratch[thread];
+    for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      for (int64_t s = 0; s < n; ++s) {
+        w.a[k * n + s] = load<kFull>(p.A.data() + s * p.dim + d0, lanes);
+        w.a2[k * n + s] = load<kFull>(p.A2.data() + s * p.dim + d0, lanes);
+        // the last state's gradient is the carry into the last position
+        w.carry[k * n + s] = p.dlast ? load<kFull>(p.dlast + s * p.plane + b * p.dim + d0, lanes) : V{};
+      }
+      w.a2_min[k] = smallest<T>(w.a2.data() + k * n, n);
+    });
+    T* dB = items.groups > 1 ? dB_parts.data() + group * rows : dB_out;
+    T* dC = items.groups > 1 ? dC_parts.data() + group * rows : dC_out;
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = c * p.chunk_len;
+      const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
+      std::fill(w.dB.begin(), w.dB.begin() + cl * n, V{});
+      std::fill(w.dC.begin(), w.dC.begin() + cl * n, V{});
+      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(item), dD.of(item), dbias.of(item));
+      for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
+        for (int64_t s = 0; s < n; ++s) {
+          T sum_b = 0, sum_c = 0;
+          for (int l = 0; l < kLanes<T>; ++l) {
+            sum_b += w.dB[i * n + s][l];
+            sum_c += w.dC[i * n + s][l];
+          }
+          const int64_t at = ((t0 + i) * p.batch + b) * n + s;
+          dB[at] = sum_b;
+          dC[at] = sum_c;
         }
       }
     }
   });
-  return out;
+  if (items.groups > 1) {
+    for (int64_t i = 0; i < rows; ++i) {
+      T sum_b = 0, sum_c = 0;
+      for (int64_t g = 0; g < items.groups; ++g) {
+        sum_b += dB_parts[g * rows + i];
+        sum_c += dC_parts[g * rows + i];
+      }
+      dB_out[i] = sum_b;
+      dC_out[i] = sum_c;
+    }
+  }
+  std::vector<T> dA_t(n * p.dim);
+  dA.sum_into(dA_t.data());
+  for (int64_t d = 0; d < p.dim; ++d) {
+    for (int64_t s = 0; s < n; ++s) dA_out[d * n + s] = dA_t[s * p.dim + d];
+  }
+  if (dD_out) dD.sum_into(dD_out);
+  if (dbias_out) dbias.sum_into(dbias_out);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_forward", &scan_forward, "Selective scan forward, time-major, fp32 (see the file's header)");
-  m.def("conv_forward", &conv_forward, "Causal depthwise conv1d (+ SiLU) forward, time-major, fp32");
+// ---- conv ------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Conv {
+  const T *x, *bias, *dout;
+  std::vector<T> weight_t;  // (taps, dim)
+  int64_t x_t, x_b, dout_t, dout_b, length, batch, dim, taps, threads;
+  bool silu;
+
+  explicit Conv(const rsm_conv_args& a)
+      : x(static_cast<const T*>(a.x)), bias(static_cast<const T*>(a.bias)), dout(static_cast<const T*>(a.dout)),
+        weight_t(a.taps * a.dim), x_t(a.x_t), x_b(a.x_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
+        batch(a.batch), dim(a.dim), taps(a.taps), threads(a.threads), silu(a.silu != 0) {
+    const T* w = static_cast<const T*>(a.weight);
+    for (int64_t k = 0; k < taps; ++k) {
+      for (int64_t d = 0; d < dim; ++d) weight_t[k * dim + d] = w[d * a.w_d + k * a.w_k];
+    }
+  }
+
+  // bias + sum_k weight[:, k] x[t - (K-1) + k] (before the SiLU) for one (position, sequence, block)
+  template <bool kFull>
+  Vec<T> pre_activation(int64_t t, int64_t b, int64_t d0, int lanes) const {
+    Vec<T> acc = bias ? load<kFull>(bias + d0, lanes) : Vec<T>{};
+    const T* xb = x + b * x_b;
+    for (int64_t k = std::max<int64_t>(0, taps - 1 - t); k < taps; ++k) {
+      acc = acc + load<kFull>(weight_t.data() + k * dim + d0, lanes) *
+                      load<kFull>(xb + (t - (taps - 1) + k) * x_t + d0, lanes);
+    }
+    return acc;
+  }
+};
+
+template <typename T, bool kFull>
+void conv_forward_row(const Conv<T>& p, int64_t t, int64_t b, int64_t d0, int lanes, T* out) {
+  const Vec<T> pre = p.template pre_activation<kFull>(t, b, d0, lanes);
+  store<kFull>(out + (t * p.batch + b) * p.dim + d0, p.silu ? vsilu(pre) : pre, lanes);
 }
+
+template <typename T>
+void conv_forward(const Conv<T>& p, T* out) {
+  const int64_t full = p.dim / kLanes<T> * kLanes<T>;
+  // no recurrence: threads take positions and stream through memory in order
+  parallel_for(p.length, p.threads, [&](int64_t t, int) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t d0 = 0; d0 < full; d0 += kLanes<T>) conv_forward_row<T, true>(p, t, b, d0, kLanes<T>, out);
+      if (full < p.dim) conv_forward_row<T, false>(p, t, b, full, static_cast<int>(p.dim - full), out);
+    }
+  });
+}
+
+// Calls row(std::true_type if the block is full else std::false_type, first channel, lanes) for every block
+// of a row of dim channels.
+template <typename T, typename F>
+void for_each_row_block(int64_t dim, const F& row) {
+  for_each_block<T>(dim, 0, (dim + kLanes<T> - 1) / kLanes<T>, [&](auto full, int64_t, int64_t d0, int lanes) {
+    row(full, d0, lanes);
+  });
+}
+
+// One tile of positions t0 .. t0 + kConvTile: dL/d(pre-activation) of the tile and the taps - 1 positions
+// after it (re-computed from x, row by row), then dx_t = sum_k weight_k dpre_{t + (K-1) - k},
+// dweight_k += dpre_t x_{t - (K-1) + k} and dbias += dpre_t over the tile, also row by row.
+template <typename T>
+void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* dweight, T* dbias) {
+  typedef Vec<T> V;
+  const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>;
+  const int64_t t1 = std::min(p.length, t0 + kConvTile), window = std::min(p.length, t1 + p.taps - 1);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t t = t0; t < window; ++t) {
+      for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+        constexpr bool kFull = decltype(full)::value;
+        V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
+        if (p.silu) g = g * vsilu_grad(p.template pre_activation<kFull>(t, b, d0, lanes));
+        grads[(t - t0) * blocks + d0 / kLanes<T>] = g;
+      });
+    }
+    const T* xb = p.x + b * p.x_b;
+    for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      const V* g = grads + d0 / kLanes<T>;
+      V dw[kMaxTaps] = {}, db = {};
+      for (int64_t t = t0; t < t1; ++t) {
+        const V gt = g[(t - t0) * blocks];
+        V acc = {};
+        for (int64_t k = 0; k < p.taps; ++k) {
+          const int64_t src = t + (p.taps - 1 - k), back = t - (p.taps - 1 - k);
+          const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
+          if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
+          if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(xb + back * p.x_t + d0, lanes);
+        }
+        store<kFull>(dx + (t * p.batch + b) * p.dim + d0, acc, lanes);
+        db = db + gt;
+      }
+      for (int64_t k = 0; k < p.taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
+      add_to<kFull>(dbias + d0, db, lanes);
+    });
+  }
+}
+
+template <typename T>
+void conv_backward(const Conv<T>& p, T* dx, T* dweight_out, T* dbias_out) {
+  const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>, tiles = (p.length + kConvTile - 1) / kConvTile;
+  const int64_t threads = std::max<int64_t>(1, std::min(p.threads, tiles));
+  Partials<T> dweight(tiles, p.taps * p.dim), dbias(tiles, p.dim);
+  std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>((kConvTile + p.taps - 1) * blocks));
+  parallel_for(tiles, threads, [&](int64_t tile, int thread) {
+    conv_backward_tile(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(tile), dbias.of(tile));
+  });
+  std::vector<T> dweight_t(p.taps * p.dim);
+  dweight.sum_into(dweight_t.data());
+  for (int64_t d = 0; d < p.dim; ++d) {
+    for (int64_t k = 0; k < p.taps; ++k) dweight_out[d * p.taps + k] = dweight_t[k * p.dim + d];
+  }
+  if (dbias_out) dbias.sum_into(dbias_out);
+}
+
+// ---- entry points ----------------------------------------------------------------------------------------
+
+// Runs f, turning a C++ exception (out of memory, no thread) into a non-zero return for ctypes' caller.
+template <typename F>
+int guarded(const F& f) {
+  try {
+    f();
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+template <typename T>
+int scan_forward_entry(const rsm_scan_args* a) {
+  return guarded([&] {
+    scan_forward(Scan<T>(*a), static_cast<T*>(a->out), static_cast<T*>(a->starts), static_cast<T*>(a->last));
+  });
+}
+
+template <typename T>
+int scan_backward_entry(const rsm_scan_args* a) {
+  return guarded([&] {
+    scan_backward(Scan<T>(*a), static_cast<const T*>(a->starts), static_cast<T*>(a->du), static_cast<T*>(a->ddelta),
+                  static_cast<T*>(a->dz), static_cast<T*>(a->dA), static_cast<T*>(a->dB), static_cast<T*>(a->dC),
+                  static_cast<T*>(a->dD), static_cast<T*>(a->ddelta_bias));
+  });
+}
+
+template <typename T>
+int conv_forward_entry(const rsm_conv_args* a) {
+  return guarded([&] { conv_forward(Conv<T>(*a), static_cast<T*>(a->out)); });
+}
+
+template <typename T>
+int conv_backward_entry(const rsm_conv_args* a) {
+  return guarded([&] {
+    conv_backward(Conv<T>(*a), static_cast<T*>(a->dx), static_cast<T*>(a->dweight), static_cast<T*>(a->dbias));
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// Run parallel loops on this OpenMP runtime's threads (GOMP_parallel's address; null: std::threads).
+void rsm_use_openmp(void* gomp_parallel_fn) { gomp_parallel = reinterpret_cast<GompParallel>(gomp_parallel_fn); }
+
+// What this build is: vector width and register blocking, for the loader's checks and the benchmarks.
+const char* rsm_build_info() {
+  return "vec_bytes=" RSM_STR(RSM_VEC_BYTES) " state_group=" RSM_STR(RSM_STATE_GROUP) " adjoint_group=" RSM_STR(
+      RSM_ADJOINT_GROUP);
+}
+
+int rsm_scan_forward_f32(const rsm_scan_args* a) { return scan_forward_entry<float>(a); }
+int rsm_scan_forward_f64(const rsm_scan_args* a) { return scan_forward_entry<double>(a); }
+int rsm_scan_backward_f32(const rsm_scan_args* a) { return scan_backward_entry<float>(a); }
+int rsm_scan_backward_f64(const rsm_scan_args* a) { return scan_backward_entry<double>(a); }
+int rsm_conv_forward_f32(const rsm_conv_args* a) { return conv_forward_entry<float>(a); }
+int rsm_conv_forward_f64(const rsm_conv_args* a) { return conv_forward_entry<double>(a); }
+int rsm_conv_backward_f32(const rsm_conv_args* a) { return conv_backward_entry<float>(a); }
+int rsm_conv_backward_f64(const rsm_conv_args* a) { return conv_backward_entry<double>(a); }
+
+}  // extern "C"

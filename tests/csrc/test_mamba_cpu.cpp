@@ -1,0 +1,289 @@
+// Checks the kernels of timm_rsmamba/ops/csrc/mamba_cpu.cpp, built for whatever ISA the compiler is told,
+// against a scalar double-precision reference written out here: the scan's forward and every gradient
+// (the last state's too) and the conv's. tests/test_cpu_kernel_isas.py builds it for each ISA this machine
+// runs, and for aarch64 under qemu. Prints one line per check; exits 1 if any fails.
+#include "../../timm_rsmamba/ops/csrc/mamba_cpu.cpp"
+
+#include <cstdio>
+#include <random>
+
+namespace {
+
+using Array = std::vector<double>;
+
+struct ScanCase {
+  int64_t L, batch, dim, n, chunk;
+  bool softplus, with_z, with_dlast;
+};
+
+double softplus_ref(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+double sigmoid_ref(double x) { return 1 / (1 + std::exp(-x)); }
+
+struct ScanData {
+  // u, delta, z, dout (L, batch, dim) contiguous; B and C interleaved in one (L, batch, 2 n + 3) array, as
+  // the slices of x_proj's output the mixer passes; A (dim, n); D, bias (dim); dlast (n, batch, dim)
+  Array u, delta, z, dout, BC, A, D, bias, dlast;
+  int64_t bc_row;
+  ScanData(const ScanCase& c, std::mt19937& g) : bc_row(2 * c.n + 3) {
+    std::normal_distribution<double> N(0, 1);
+    std::uniform_real_distribution<double> U(0.1, 3);
+    const int64_t rows = c.L * c.batch * c.dim;
+    for (Array* a : {&u, &z, &dout}) {
+      a->resize(rows);
+      for (auto& x : *a) x = N(g);
+    }
+    delta.resize(rows);
+    for (auto& x : delta) x = c.softplus ? N(g) * 0.7 - 0.5 : U(g) * 0.3;
+    BC.resize(c.L * c.batch * bc_row);
+    for (auto& x : BC) x = N(g);
+    A.resize(c.dim * c.n);
+    for (auto& x : A) x = -U(g) * 2;
+    D.resize(c.dim);
+    bias.resize(c.dim);
+    for (auto& x : D) x = N(g);
+    for (auto& x : bias) x = N(g) * 0.3;
+    dlast.resize(c.n * c.batch * c.dim);
+    for (auto& x : dlast) x = N(g);
+  }
+  double B(const ScanCase& c, int64_t t, int64_t b, int64_t s) const { return BC[(t * c.batch + b) * bc_row + 1 + s]; }
+  double C(const ScanCase& c, int64_t t, int64_t b, int64_t s) const {
+    return BC[(t * c.batch + b) * bc_row + 2 + c.n + s];
+  }
+};
+
+struct ScanResult {
+  Array out, last, du, ddelta, dz, dA, dB, dC, dD, dbias;
+};
+
+// The recurrence position by position, every state kept, then reverse-mode by hand.
+ScanResult scan_reference(const ScanCase& c, const ScanData& x) {
+  const int64_t L = c.L, nb = c.batch, nd = c.dim, n = c.n;
+  ScanResult r;
+  r.out.assign(L * nb * nd, 0);
+  r.last.assign(n * nb * nd, 0);
+  r.du = r.ddelta = r.dz = Array(L * nb * nd, 0);
+  r.dA.assign(nd * n, 0);
+  r.dB = r.dC = Array(L * nb * n, 0);
+  r.dD = r.dbias = Array(nd, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t d = 0; d < nd; ++d) {
+      auto at = [&](int64_t t) { return (t * nb + b) * nd + d; };
+      Array dl(L), h((L + 1) * n, 0), y(L);
+      for (int64_t t = 0; t < L; ++t) {
+        const double pre = x.delta[at(t)] + x.bias[d];
+        dl[t] = c.softplus ? softplus_ref(pre) : pre;
+        y[t] = x.D[d] * x.u[at(t)];
+        for (int64_t s = 0; s < n; ++s) {
+          h[(t + 1) * n + s] = std::exp(dl[t] * x.A[d * n + s]) * h[t * n + s] + dl[t] * x.u[at(t)] * x.B(c, t, b, s);
+          y[t] += h[(t + 1) * n + s] * x.C(c, t, b, s);
+        }
+        r.out[at(t)] = c.with_z ? y[t] * x.z[at(t)] * sigmoid_ref(x.z[at(t)]) : y[t];
+      }
+      Array g(n, 0);
+      for (int64_t s = 0; s < n; ++s) {
+        r.last[(s * nb + b) * nd + d] = h[L * n + s];
+        if (c.with_dlast) g[s] = x.dlast[(s * nb + b) * nd + d];
+      }
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const double zt = x.z[at(t)], sz = sigmoid_ref(zt);
+        const double dy = c.with_z ? x.dout[at(t)] * zt * sz : x.dout[at(t)];
+        if (c.with_z) r.dz[at(t)] = x.dout[at(t)] * y[t] * sz * (1 + zt * (1 - sz));
+        r.dD[d] += dy * x.u[at(t)];
+        double ddl = 0, du = dy * x.D[d];
+        for (int64_t s = 0; s < n; ++s) {
+          const double a = x.A[d * n + s], e = std::exp(dl[t] * a), hp = h[t * n + s];
+          g[s] += dy * x.C(c, t, b, s);
+          r.dC[(t * nb + b) * n + s] += dy * h[(t + 1) * n + s];
+          r.dB[(t * nb + b) * n + s] += g[s] * dl[t] * x.u[at(t)];
+          ddl += g[s] * (hp * e * a + x.u[at(t)] * x.B(c, t, b, s));
+          r.dA[d * n + s] += g[s] * hp * e * dl[t];
+          du += g[s] * dl[t] * x.B(c, t, b, s);
+          g[s] *= e;
+        }
+        if (c.softplus) ddl *= sigmoid_ref(x.delta[at(t)] + x.bias[d]);
+        r.du[at(t)] = du;
+        r.ddelta[at(t)] = ddl;
+        r.dbias[d] += ddl;
+      }
+    }
+  }
+  return r;
+}
+
+template <typename T>
+std::vector<T> as(const Array& a) {
+  return std::vector<T>(a.begin(), a.end());
+}
+
+// The kernels in precision T on the same inputs (threads: std::threads, no OpenMP runtime here).
+template <typename T>
+ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
+  const int64_t rows = c.L * c.batch * c.dim, chunks = (c.L + c.chunk - 1) / c.chunk;
+  std::vector<T> u = as<T>(x.u), delta = as<T>(x.delta), z = as<T>(x.z), dout = as<T>(x.dout), BC = as<T>(x.BC),
+                 A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias), dlast = as<T>(x.dlast);
+  std::vector<T> out(rows), last(c.n * c.batch * c.dim), starts(chunks * c.n * c.batch * c.dim), du(rows),
+      ddelta(rows), dz(rows), dA(c.dim * c.n), dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
+  rsm_scan_args a{};
+  a.u = u.data();
+  a.delta = delta.data();
+  a.A = A.data();
+  a.B = BC.data() + 1;
+  a.C = BC.data() + 2 + c.n;
+  a.D = D.data();
+  a.z = c.with_z ? z.data() : nullptr;
+  a.delta_bias = bias.data();
+  a.u_t = a.delta_t = a.z_t = a.dout_t = c.batch * c.dim;
+  a.u_b = a.delta_b = a.z_b = a.dout_b = c.dim;
+  a.B_t = a.C_t = c.batch * x.bc_row;
+  a.B_b = a.C_b = x.bc_row;
+  a.A_d = c.n;
+  a.A_s = 1;
+  a.length = c.L;
+  a.batch = c.batch;
+  a.dim = c.dim;
+  a.n_state = c.n;
+  a.chunk_len = c.chunk;
+  a.softplus = c.softplus;
+  a.threads = 2;
+  a.out = out.data();
+  a.starts = starts.data();
+  a.last = last.data();
+  a.dout = dout.data();
+  a.dlast = c.with_dlast ? dlast.data() : nullptr;
+  a.du = du.data();
+  a.ddelta = ddelta.data();
+  a.dz = c.with_z ? dz.data() : nullptr;
+  a.dA = dA.data();
+  a.dB = dB.data();
+  a.dC = dC.data();
+  a.dD = dD.data();
+  a.ddelta_bias = dbias.data();
+  const bool f32 = std::is_same<T, float>::value;
+  if ((f32 ? rsm_scan_forward_f32(&a) : rsm_scan_forward_f64(&a)) != 0) std::printf("forward failed\n");
+  if ((f32 ? rsm_scan_backward_f32(&a) : rsm_scan_backward_f64(&a)) != 0) std::printf("backward failed\n");
+  ScanResult r;
+  auto back = [](const std::vector<T>& v) { return Array(v.begin(), v.end()); };
+  r.out = back(out), r.last = back(last), r.du = back(du), r.ddelta = back(ddelta);
+  r.dz = c.with_z ? back(dz) : Array(rows, 0);
+  r.dA = back(dA), r.dB = back(dB), r.dC = back(dC), r.dD = back(dD), r.dbias = back(dbias);
+  return r;
+}
+
+int failures = 0;
+
+// max |got - want| relative to max |want|
+void check(const char* what, const char* name, const Array& got, const Array& want, double tol) {
+  double err = 0, scale = 1e-12;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::fabs(got[i] - want[i]));
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  const bool ok = err / scale <= tol && got.size() == want.size();
+  if (!ok) ++failures;
+  std::printf("%s %s %s: %.2e\n", ok ? "ok  " : "FAIL", what, name, err / scale);
+}
+
+void check_scan(const char* what, const ScanCase& c, double tol32, double tol64) {
+  std::mt19937 g(static_cast<unsigned>(c.L * 131 + c.dim * 7 + c.n));
+  const ScanData x(c, g);
+  const ScanResult want = scan_reference(c, x);
+  const ScanResult got32 = scan_kernel<float>(c, x), got64 = scan_kernel<double>(c, x);
+  const char* names[] = {"out", "last", "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias"};
+  const Array ScanResult::*fields[] = {&ScanResult::out, &ScanResult::last, &ScanResult::du, &ScanResult::ddelta,
+                                       &ScanResult::dz, &ScanResult::dA, &ScanResult::dB, &ScanResult::dC,
+                                       &ScanResult::dD, &ScanResult::dbias};
+  for (int i = 0; i < 10; ++i) {
+    char label[96];
+    std::snprintf(label, sizeof label, "scan %s f32", what);
+    check(label, names[i], got32.*fields[i], want.*fields[i], tol32);
+    std::snprintf(label, sizeof label, "scan %s f64", what);
+    check(label, names[i], got64.*fields[i], want.*fields[i], tol64);
+  }
+}
+
+template <typename T>
+void check_conv_precision(int64_t L, int64_t nb, int64_t nd, int64_t K, bool silu, double tol) {
+  std::mt19937 g(static_cast<unsigned>(L * 17 + nd));
+  std::normal_distribution<double> N(0, 1);
+  Array x(L * nb * 2 * nd), w(nd * K), bias(nd), dout(L * nb * nd);  // x: every other half row, as the mixer's
+  for (Array* a : {&x, &w, &bias, &dout}) {
+    for (auto& v : *a) v = N(g);
+  }
+  auto xi = [&](int64_t t, int64_t b, int64_t d) { return (t * nb + b) * 2 * nd + d; };
+  Array out(L * nb * nd), dx(L * nb * 2 * nd, 0), dw(nd * K, 0), db(nd, 0);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t d = 0; d < nd; ++d) {
+        double pre = bias[d];
+        for (int64_t k = 0; k < K; ++k) {
+          if (t - (K - 1) + k >= 0) pre += w[d * K + k] * x[xi(t - (K - 1) + k, b, d)];
+        }
+        const double s = sigmoid_ref(pre), o = (t * nb + b) * nd + d;
+        out[o] = silu ? pre * s : pre;
+        const double dpre = silu ? dout[o] * s * (1 + pre * (1 - s)) : dout[o];
+        db[d] += dpre;
+        for (int64_t k = 0; k < K; ++k) {
+          if (t - (K - 1) + k < 0) continue;
+          dx[xi(t - (K - 1) + k, b, d)] += w[d * K + k] * dpre;
+          dw[d * K + k] += dpre * x[xi(t - (K - 1) + k, b, d)];
+        }
+      }
+    }
+  }
+  std::vector<T> xT = as<T>(x), wT = as<T>(w), bT = as<T>(bias), dT = as<T>(dout), oT(L * nb * nd),
+                 dxT(L * nb * nd), dwT(nd * K), dbT(nd);
+  rsm_conv_args a{};
+  a.x = xT.data();
+  a.weight = wT.data();
+  a.bias = bT.data();
+  a.dout = dT.data();
+  a.x_t = nb * 2 * nd;
+  a.x_b = 2 * nd;
+  a.dout_t = nb * nd;
+  a.dout_b = nd;
+  a.w_d = K;
+  a.w_k = 1;
+  a.length = L;
+  a.batch = nb;
+  a.dim = nd;
+  a.taps = K;
+  a.silu = silu;
+  a.threads = 2;
+  a.out = oT.data();
+  a.dx = dxT.data();
+  a.dweight = dwT.data();
+  a.dbias = dbT.data();
+  const bool f32 = std::is_same<T, float>::value;
+  if ((f32 ? rsm_conv_forward_f32(&a) : rsm_conv_forward_f64(&a)) != 0) std::printf("conv forward failed\n");
+  if ((f32 ? rsm_conv_backward_f32(&a) : rsm_conv_backward_f64(&a)) != 0) std::printf("conv backward failed\n");
+  Array dx_dense(L * nb * nd);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t d = 0; d < nd; ++d) dx_dense[(t * nb + b) * nd + d] = dx[xi(t, b, d)];
+    }
+  }
+  char label[64];
+  std::snprintf(label, sizeof label, "conv L=%ld silu=%d %s", static_cast<long>(L), silu, f32 ? "f32" : "f64");
+  check(label, "out", Array(oT.begin(), oT.end()), out, tol);
+  check(label, "dx", Array(dxT.begin(), dxT.end()), dx_dense, tol);
+  check(label, "dweight", Array(dwT.begin(), dwT.end()), dw, tol);
+  check(label, "dbias", Array(dbT.begin(), dbT.end()), db, tol);
+}
+
+}  // namespace
+
+int main() {
+  std::printf("build: %s\n", rsm_build_info());
+  // 20 and 37 channels: full and partial vector blocks; 19 states: a full register group and a tail
+  check_scan("16 states", ScanCase{45, 3, 20, 16, 16, true, true, true}, 2e-5, 1e-11);
+  check_scan("19 states, chunk 5", ScanCase{37, 2, 37, 19, 5, true, true, false}, 2e-5, 1e-11);
+  check_scan("no softplus, no z", ScanCase{30, 2, 20, 4, 7, false, false, true}, 2e-5, 1e-11);
+  check_scan("one sequence", ScanCase{50, 1, 70, 16, 16, true, true, true}, 2e-5, 1e-11);
+  for (bool silu : {true, false}) {
+    check_conv_precision<float>(37, 3, 20, 4, silu, 2e-5);
+    check_conv_precision<double>(37, 3, 20, 4, silu, 1e-12);
+  }
+  check_conv_precision<float>(2, 2, 6, 4, true, 2e-5);  // fewer positions than taps
+  std::printf("%s\n", failures ? "FAILED" : "all passed");
+  return failures ? 1 : 0;
+}

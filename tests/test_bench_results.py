@@ -1,0 +1,39 @@
+"""benchmarks/bench_throughput.py's rows in benchmarks/results/*.json: one flat object per row and mode, the keys
+every device's runs share, appended to the day's file."""
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+
+import bench_throughput  # noqa: E402
+
+KEYS = {'device', 'date', 'commit', 'model', 'row', 'backend', 'mode', 'batch_size', 'img_size', 'amp', 'img_per_s',
+        'ms_per_img', 'peak_gb', 'isa', 'threads', 'note'}
+
+
+def _cell(img_s, isa):
+    return dict(img_s=img_s, ms_img=1e3 / img_s, batch_size=8, backend='cpu_kernel/cpu_kernel', rss_gb=1.5,
+                threads=2, isa=isa)
+
+
+def test_rows_appended_to_the_days_file(tmp_path):
+    args = SimpleNamespace(device='cpu', img_size=224, amp='none', results_dir=str(tmp_path))
+    results = [
+        dict(spec=dict(model='rsmamba_base', row='ours', note=''), eval=_cell(5.0, 'avx512'),
+             train=_cell(1.5, 'avx512')),
+        dict(spec=dict(model='deit_tiny_patch16_224', row='deit_tiny', note=''), eval=_cell(30.0, 'avx512'),
+             train=dict(error='timed out')),  # a failed cell writes no row
+    ]
+    path = bench_throughput.append_result_rows(results, args)
+    path_again = bench_throughput.append_result_rows(results[:1], args)
+    assert path == path_again and os.path.dirname(path) == str(tmp_path) and path.endswith('.json')
+    with open(path) as f:
+        rows = json.load(f)
+    assert [(r['row'], r['mode']) for r in rows] == [('ours', 'eval'), ('ours', 'train'), ('deit_tiny', 'eval'),
+                                                    ('ours', 'eval'), ('ours', 'train')]
+    assert all(set(r) == KEYS for r in rows)
+    first = rows[0]
+    assert first['amp'] == 'fp32' and first['isa'] == 'avx512' and first['img_per_s'] == 5.0
+    assert first['peak_gb'] == 1.5 and first['device'] == bench_throughput.cpu_name()
