@@ -471,9 +471,13 @@ def result_rows(results, args) -> list:
 
 def append_result_rows(results, args) -> str:
     """Append this run's rows to <results-dir>/<date>-<device>.json (a list of row objects)."""
-    rows = result_rows(results, args)
-    os.makedirs(args.results_dir, exist_ok=True)
-    path = os.path.join(args.results_dir, f'{datetime.date.today().isoformat()}-{_slug(device_name(args))}.json')
+    return append_rows(result_rows(results, args), args.results_dir, device_name(args))
+
+
+def append_rows(rows: list, results_dir: str, device: str) -> str:
+    """Append row objects to <results_dir>/<date>-<device>.json; returns its path."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f'{datetime.date.today().isoformat()}-{_slug(device)}.json')
     existing = []
     if os.path.exists(path):
         with open(path) as f:
