@@ -118,3 +118,19 @@ def test_export_command_writes_a_checked_onnx_file_with_the_checkpoints_classes(
     bad = subprocess.run([sys.executable, '-m', 'timm_rsmamba.export', str(tmp_path / 'missing.pth.tar'), '--out',
                           str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and 'missing.pth.tar' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_pure_pytorch_backends_compile_fullgraph_with_eager_values_and_gradients():
+    """The backend devices without the C++ kernels run ('chunked'), traced whole by torch.compile."""
+    model = tiny(scan_backend='chunked', conv_backend='torch')
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(x)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
