@@ -48,30 +48,39 @@ def test_pure_pytorch_scan_on_cuda_matches_reference(backend):
 
 @needs_cuda
 @needs_extra
-def test_fused_scan_and_conv_match_pure_pytorch():
-    x = _cuda_inputs(2, 32, 100, 16)
+@pytest.mark.parametrize('scan_backend,conv_backend', [('compiled', 'torch'), ('triton', 'triton')])
+def test_fused_scan_and_conv_match_ours(scan_backend, conv_backend):
+    """mamba-ssm / causal-conv1d against pure PyTorch and against the Triton kernels: values and gradients
+    (300 positions: several chunks of the Triton scan)."""
+    x = _cuda_inputs(2, 32, 300, 16)
     fused = selective_scan(**x, delta_softplus=True, backend='mamba_ssm')
-    ours = selective_scan(**x, delta_softplus=True, backend='compiled')
+    ours = selective_scan(**x, delta_softplus=True, backend=scan_backend)
     _assert_rel_close(fused, ours, 1e-4, 'scan output')
     g_fused, g_ours = _grads(fused, x), _grads(ours, x)
     for k in g_fused:
         _assert_rel_close(g_fused[k], g_ours[k], 1e-4, f'scan grad {k}')
-    u = torch.randn(2, 32, 100, device='cuda')
+    u = torch.randn(2, 32, 300, device='cuda')
     w, b = torch.randn(32, 4, device='cuda'), torch.randn(32, device='cuda')
     _assert_rel_close(causal_conv1d(u, w, b, 'silu', backend='causal_conv1d'),
-                      causal_conv1d(u, w, b, 'silu', backend='torch'), 1e-5, 'conv output')
+                      causal_conv1d(u, w, b, 'silu', backend=conv_backend), 1e-5, 'conv output')
+
+
+def _twin_models(*backends):
+    """rsmamba_small (2 blocks, 64 px) on CUDA in eval mode (fixed shuffle permutations) with the same weights,
+    once per (scan, conv) backend pair."""
+    torch.manual_seed(0)
+    models = [timm.create_model('rsmamba_small', scan_backend=scan, conv_backend=conv, num_classes=21, img_size=64,
+                                depth=2) for scan, conv in backends]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    return [model.cuda().eval() for model in models]
 
 
 @needs_cuda
 @needs_extra
 def test_model_fused_vs_pure_pytorch_logits_and_grads():
     """Same weights, eval mode (fixed shuffle permutations): logits and every parameter gradient agree."""
-    kwargs = dict(num_classes=21, img_size=64, depth=2)
-    torch.manual_seed(0)
-    fused = timm.create_model('rsmamba_small', scan_backend='mamba_ssm', conv_backend='causal_conv1d', **kwargs)
-    ours = timm.create_model('rsmamba_small', scan_backend='compiled', conv_backend='torch', **kwargs)
-    ours.load_state_dict(fused.state_dict())
-    fused, ours = fused.cuda().eval(), ours.cuda().eval()
+    fused, ours = _twin_models(('mamba_ssm', 'causal_conv1d'), ('compiled', 'torch'))
     x = torch.randn(4, 3, 64, 64, device='cuda')
     logits = {}
     for name, model in (('fused', fused), ('ours', ours)):
@@ -141,12 +150,7 @@ def test_model_triton_vs_reference_fp32_and_bf16_autocast(monkeypatch, token_ord
     """rsmamba_small (2 blocks, 64 px): logits and every parameter gradient, fp32 (tight) and bf16 autocast (loose)."""
     monkeypatch.setenv('RSMAMBA_TOKEN_ORDER', token_order)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # the patch conv: same rounding in both models
-    kwargs = dict(num_classes=21, img_size=64, depth=2)
-    torch.manual_seed(0)
-    ref = timm.create_model('rsmamba_small', scan_backend='reference', conv_backend='reference', **kwargs)
-    tri = timm.create_model('rsmamba_small', scan_backend='triton', conv_backend='triton', **kwargs)
-    tri.load_state_dict(ref.state_dict())
-    ref, tri = ref.cuda().eval(), tri.cuda().eval()
+    ref, tri = _twin_models(('reference', 'reference'), ('triton', 'triton'))
     x = torch.randn(4, 3, 64, 64, device='cuda')
     for amp, rel in ((False, 1e-4), (True, 5e-2)):
         results = {}
@@ -159,23 +163,6 @@ def test_model_triton_vs_reference_fp32_and_bf16_autocast(monkeypatch, token_ord
         _assert_rel_close(results['tri'][0], results['ref'][0], rel, f'logits (amp={amp})')
         for n, g in results['ref'][1].items():
             _assert_rel_close(results['tri'][1][n], g, rel * 10 if amp else rel, f'grad {n} (amp={amp})')
-
-
-@needs_cuda
-@needs_extra
-def test_triton_matches_fused_kernels():
-    """The Triton kernels against mamba-ssm's and causal-conv1d's, fp32, values and gradients."""
-    x = _cuda_inputs(2, 32, 300, 16)
-    fused = selective_scan(**x, delta_softplus=True, backend='mamba_ssm')
-    ours = selective_scan(**x, delta_softplus=True, backend='triton')
-    _assert_rel_close(ours, fused, 1e-4, 'scan output')
-    g_fused, g_ours = _grads(fused, x), _grads(ours, x)
-    for k in g_fused:
-        _assert_rel_close(g_ours[k], g_fused[k], 1e-4, f'scan grad {k}')
-    u = torch.randn(2, 32, 300, device='cuda')
-    w, b = torch.randn(32, 4, device='cuda'), torch.randn(32, device='cuda')
-    _assert_rel_close(causal_conv1d(u, w, b, 'silu', backend='triton'),
-                      causal_conv1d(u, w, b, 'silu', backend='causal_conv1d'), 1e-5, 'conv output')
 
 
 @needs_cuda

@@ -91,6 +91,8 @@ def test_scan_saves_chunk_states_only_for_autograd():
     first_chunk = {k: v[..., :16] if v is not None and v.dim() == 3 else v for k, v in x.items()}
     _, ref_state = selective_scan_reference(**first_chunk, delta_softplus=True, return_last_state=True)
     _assert_rel_close(saved[:, 0].transpose(1, 2), ref_state, 1e-5, 'state after the first chunk')
+    with pytest.raises(RuntimeError, match='save_states=True'):
+        triton_scan.selective_scan_bwd(torch.ones(40, 1, 4, device=DEVICE), *args, None, states, True, 16)
 
 
 def _orders(length, paths):

@@ -174,5 +174,5 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] 
     if name == 'triton':
         triton_support.require('conv', x.device, _RUNNABLE.get(x.device.type, "'auto', 'torch', 'reference'"))
         from . import triton_conv  # on first use: see triton_support
-    return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
+        return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
     return causal_conv1d_torch(x, weight, bias, activation)

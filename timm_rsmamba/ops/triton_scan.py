@@ -330,6 +330,9 @@ def selective_scan_bwd(
     seqs, dim, length = u.shape
     state = A.shape[1]
     chunk = chunk_length(length, chunk)
+    if states.shape[1] != max(triton.cdiv(length, chunk) - 1, 0):
+        raise RuntimeError(f'selective_scan_bwd: {states.shape[1]} chunk states for {length} positions in chunks of '
+                           f'{chunk}; the forward must run with save_states=True (and the same chunk)')
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(length, seqs, dim, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(length, seqs, dim, device=u.device, dtype=delta.dtype)

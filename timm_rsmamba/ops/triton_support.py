@@ -4,7 +4,6 @@ Nothing here imports triton at module import: Triton decides at a kernel's decor
 compiled or interpreted (``TRITON_INTERPRET=1``, the CPU interpreter the tests use), so the kernel modules are
 imported on first use (local imports), and a missing or broken triton must never break ``import timm_rsmamba``.
 """
-import functools
 import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence
@@ -96,17 +95,26 @@ def weigh_paths(y: torch.Tensor, *args):
     return triton_mix.weigh_paths_triton(y, *args)
 
 
-@functools.lru_cache(maxsize=None)
+_probed: Dict[str, Optional[str]] = {}
+
+
 def cuda_probe_error() -> Optional[str]:
-    """Compile and run one small Triton kernel on the GPU, once per process: None if that works, else why not
-    (no compiler toolchain, an unsupported GPU, a broken install)."""
+    """None if the Triton kernels compile and run on the GPU, else why not (no toolchain, an unsupported GPU, a
+    broken install): found out once per process, by one small kernel."""
+    if 'cuda' not in _probed:
+        _probed['cuda'] = _probe_cuda()
+    return _probed['cuda']
+
+
+@torch.compiler.disable
+def _probe_cuda() -> Optional[str]:
     reason = unavailable_reason(torch.device('cuda'))
     if reason is not None:
         return reason
     try:
+        from . import triton_conv
         x = torch.randn(1, 8, 5, device='cuda')
         w, b = torch.randn(8, 4, device='cuda'), torch.randn(8, device='cuda')
-        from . import triton_conv
         triton_conv.causal_conv1d_triton(x, w, b, 'silu')
         torch.cuda.synchronize()
     except Exception as e:
