@@ -1,8 +1,8 @@
 """The Triton scan and conv kernels against the sequential / textbook references, in values and every gradient.
 
-Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before anything imports the
-kernels; it has no bf16, so these tests are fp32; the bf16 ones are in test_gpu.py). With a GPU the same tests
-run the compiled kernels on CUDA tensors.
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, which conftest.py sets before anything
+imports triton; it has no bf16, so these tests are fp32; the bf16 ones are in test_gpu.py). With a GPU the same
+tests run the compiled kernels on CUDA tensors.
 """
 import os
 import sys
@@ -12,21 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
+import timm
+from timm_rsmamba.ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan
+from timm_rsmamba.ops import triton_support
+from timm_rsmamba.ops.conv import causal_conv1d_reference
+from timm_rsmamba.ops.scan import selective_scan_reference
 
-import timm  # noqa: E402
-from timm_rsmamba.ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan  # noqa: E402
-from timm_rsmamba.ops import triton_support  # noqa: E402
-from timm_rsmamba.ops.conv import causal_conv1d_reference  # noqa: E402
-from timm_rsmamba.ops.scan import selective_scan_reference  # noqa: E402
-
-from conftest import TINY  # noqa: E402
-from test_ops import make_inputs  # noqa: E402
+from conftest import TINY
+from test_ops import make_inputs
 
 pytest.importorskip('triton', reason='the Triton kernels need the triton package (it comes with torch CUDA wheels)')
-if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run', allow_module_level=True)
+if not torch.cuda.is_available() and triton_support.unavailable_reason(torch.device('cpu')):
+    pytest.skip(f"no GPU, and {triton_support.unavailable_reason(torch.device('cpu'))}", allow_module_level=True)
 
 from timm_rsmamba.ops import triton_conv, triton_mix, triton_scan  # noqa: E402
 

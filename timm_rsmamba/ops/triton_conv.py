@@ -128,6 +128,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, order_ptr, dout_ptr, dx_ptr, dw_ptr
 
 
 INTERPRETED = not isinstance(_conv_fwd_kernel, triton.runtime.JITFunction)
+# Triton decides at each function's decoration: its own library (tl.sigmoid, ...) when triton is imported, ours
+# when this module is. Interpreted kernels need an interpreted library: TRITON_INTERPRET=1 before triton's import.
+LIBRARY_INTERPRETED = not isinstance(tl.sigmoid, triton.runtime.JITFunction)
 
 
 def _order_args(order: Optional[torch.Tensor], x: torch.Tensor):

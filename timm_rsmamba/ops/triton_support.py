@@ -1,8 +1,9 @@
 """Where the Triton kernels (triton_scan.py, triton_conv.py) can run, and what ``auto`` picks on CUDA.
 
 Nothing here imports triton at module import: Triton decides at a kernel's decoration whether it runs
-compiled or interpreted (``TRITON_INTERPRET=1``, the CPU interpreter the tests use), so the kernel modules are
-imported on first use (local imports), and a missing or broken triton must never break ``import timm_rsmamba``.
+compiled or interpreted (``TRITON_INTERPRET=1``, the CPU interpreter the tests use; it must be set before triton
+itself is imported), so the kernel modules are imported on first use (local imports), and a missing or broken
+triton must never break ``import timm_rsmamba``.
 """
 import os
 import warnings
@@ -48,10 +49,15 @@ def interpreter_requested() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
 
 
-def _runs_interpreted() -> bool:
-    """Whether our kernels were decorated for Triton's interpreter (decided when triton_conv was first imported)."""
+def _interpretation() -> Optional[str]:
+    """None if our kernels and Triton's own library both run in Triton's interpreter, else what went wrong."""
     from . import triton_conv
-    return triton_conv.INTERPRETED
+    if not triton_conv.LIBRARY_INTERPRETED:
+        return ('TRITON_INTERPRET=1 was set after triton was imported (importing timm or torch._dynamo imports '
+                'it); set it before anything imports them')
+    if not triton_conv.INTERPRETED:
+        return 'TRITON_INTERPRET=1 was set after the Triton kernels were first imported; set it before the first use'
+    return None
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -63,11 +69,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type == 'cuda':
         return None
     if device.type == 'cpu':
-        if interpreter_requested() and _runs_interpreted():
-            return None
         if interpreter_requested():
-            return ('TRITON_INTERPRET=1 was set after the Triton kernels were first imported in this process '
-                    '(compiled mode); set it before the first use')
+            return _interpretation()
         return ('CPU tensors need TRITON_INTERPRET=1, set before the first use: Triton\'s CPU interpreter, '
                 'slow, for tests')
     return f'the Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device.type}'
