@@ -1,7 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's CPU interpreter (tests/test_triton.py);
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # Triton reads this when it is imported, and timm imports it
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 TINY = dict(img_size=32, depth=2, embed_dim=32, intermediate_size=64)

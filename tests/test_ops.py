@@ -11,6 +11,7 @@ from timm_rsmamba.ops import conv as conv_module
 from timm_rsmamba.ops import scan as scan_module
 from timm_rsmamba.ops.compiled import CompiledKernels
 from timm_rsmamba.ops import cpu_kernel as cpu_kernel_module
+from timm_rsmamba.ops import triton_support
 from timm_rsmamba.ops.scan import (
     BACKEND_ENV_VAR, selective_scan_chunked, selective_scan_compiled, selective_scan_cpu_kernel,
     selective_scan_reference)
@@ -337,8 +338,12 @@ def test_backend_switch_env_and_errors(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     assert resolve_scan_backend(None, torch.device('cpu')) == 'cpu_kernel'
     assert resolve_scan_backend(None, torch.device('meta')) == 'chunked'  # devices without inductor support
+    monkeypatch.setattr(triton_support, 'cuda_probe_error', lambda: None)
+    assert resolve_scan_backend(None, torch.device('cuda')) == 'triton'  # CUDA: the Triton kernels first
+    monkeypatch.setattr(triton_support, 'cuda_probe_error', lambda: 'Triton left out of this test')
+    monkeypatch.setattr(triton_support, '_warned', {'Triton left out of this test'})
     monkeypatch.setattr(scan_module, 'mamba_ssm_fn', lambda: None)
-    assert resolve_scan_backend(None, torch.device('cuda')) == 'compiled'  # CUDA without the [cuda] extra
+    assert resolve_scan_backend(None, torch.device('cuda')) == 'compiled'  # CUDA without Triton nor the extra
     monkeypatch.setattr(scan_module, 'mamba_ssm_fn', lambda: object())
     assert resolve_scan_backend(None, torch.device('cuda')) == 'mamba_ssm'
     assert resolve_scan_backend('reference') == 'reference'

@@ -14,6 +14,11 @@
 #   train     torchrun --nproc_per_node 1 train.py on UC Merced with the paper's split and recipe, shortened
 #             (TRAIN_EPOCHS cosine epochs after the 10 warm-up ones, default 50), bf16 autocast; needs the
 #             data carried as `.gpu_data` (a copy of ../shared/data: `cp -r ../shared/data .gpu_data`)
+#   triton    the Triton backends, nothing to build: first-call compile time and peak memory of an rsmamba_base
+#             train step at batch 128 (triton_first_call.py, cold Triton cache), tests/test_triton.py and the
+#             Triton tests of tests/test_gpu.py, parity.py triton vs the eager pure-PyTorch backends (fp32, bf16)
+#   triton_bench  bench_throughput.py rows triton, triton_gather, triton_keep_y, floor at batch 128 (+ fused
+#             when the extra is installed), then triton_sweep.py (tile sizes of each kernel alone)
 #   all       every stage in order (for a machine with no per-call limit)
 # Batch sizes come from autograd's saved bytes per image measured on CPU under bf16 autocast
 # (base 224: ~0.5 GB/img, huge 224: ~2.2, base 384: ~1.9, huge 384: ~6.2): base at batch 128 is
@@ -87,6 +92,27 @@ stage_suite() {
     timeout 560 $PY -m pytest -q -rs -x tests 2>&1 | tee "$OUT/tests.log" | tail -n 25
 }
 
+stage_triton() {
+    ensure_timm
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+    timeout 200 $PY benchmarks/gpu/triton_first_call.py --batch-size 128 --json-out "$OUT/triton_first_call.json" \
+        2>&1 | tee "$OUT/triton_first_call.md"
+    timeout 240 $PY -m pytest -q -rs tests/test_triton.py tests/test_gpu.py -k "triton or Triton" 2>&1 \
+        | tee "$OUT/tests_triton.log" | tail -n 25
+    timeout 150 $PY benchmarks/gpu/parity.py --fused triton,triton --pytorch chunked,reference --batch-size 4 2>&1 \
+        | tee "$OUT/parity_triton.log"
+}
+
+stage_triton_bench() {
+    local rows=triton,triton_gather,triton_keep_y,floor
+    if $PY -c 'import sys; from timm_rsmamba import ops; sys.exit(not (ops.has_mamba_ssm() and ops.has_causal_conv1d()))'; then
+        rows=$rows,fused  # the extra was built on this machine (stage build)
+    fi
+    BENCH_TIMEOUT=${BENCH_TIMEOUT:-380} bench bench_triton224 --models rsmamba_base --img-size 224 --batch-size 128 \
+        --rows "$rows"
+    timeout 180 $PY benchmarks/gpu/triton_sweep.py --json-out "$OUT/triton_sweep.json" 2>&1 | tee "$OUT/triton_sweep.md"
+}
+
 bench() {  # $1 = output name, rest = bench_throughput.py arguments
     local name=$1; shift
     ensure_timm
@@ -129,8 +155,13 @@ for stage in "$@"; do
         huge384) bench bench_huge384 --models rsmamba_huge --img-size 384 --batch-size 8 \
                      --rows ours,ours_ckpt,compiled,chunked,floor --row-batch chunked=4 || status=$? ;;
         train) stage_train || status=$? ;;
-        all) for s in build check suite base224 huge224 base384 huge384; do bash "$0" "$s" || status=$?; done ;;
-        *) echo "unknown stage '$stage' (build, check, suite, base224, huge224, base384, huge384, train, all)"; exit 2 ;;
+        triton) stage_triton || status=$? ;;
+        triton_bench) stage_triton_bench || status=$? ;;
+        all) for s in build check suite base224 huge224 base384 huge384 triton triton_bench; do
+                 bash "$0" "$s" || status=$?
+             done ;;
+        *) echo "unknown stage '$stage' (build, check, suite, base224, huge224, base384, huge384, train, triton," \
+                "triton_bench, all)"; exit 2 ;;
     esac
 done
 exit "$status"

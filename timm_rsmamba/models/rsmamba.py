@@ -186,13 +186,12 @@ class MultiPathBlock(nn.Module):
         if self.num_paths == 1:
             return x + self.drop_path(mixer.out_proj(mixer.mix(xz)).transpose(0, 1))
         order = self._token_orders(length, perm, xz.device)  # (L, paths): position l of each order
-        # one gather builds every order, laid out (L, paths * B, 2E); its backward is one index_add
-        y = mixer.mix(xz.index_select(0, order.flatten()).view(length, -1, xz.shape[-1]))
+        y = mixer.mix(xz, order)  # (L, paths * B, E): every order at once
         y = y.unflatten(1, (self.num_paths, batch))  # (L, paths, B, E)
         if self.gate is not None:  # weigh before un-reordering so autograd keeps y alone
             means = mixer.out_proj(y.mean(0)).transpose(0, 1)  # (B, paths, dim)
             weights = self.gate(means.flatten(1)).softmax(dim=-1)
-            y = y * weights.t()[None, :, :, None]
+            y = mixer.weigh(y, weights.t()[None, :, :, None], xz, order)
         else:
             y = y / self.num_paths
         # back to token order with one gather over (L * paths) rows: token i of order p sits at row
@@ -245,9 +244,10 @@ class RSMamba(nn.Module):
                 than img_size's (default); False makes other sizes an error (timm's fixed-size convention).
             global_pool: 'avg' (patch-token mean then LayerNorm) or 'token' (class token(s));
                 default 'token' with class tokens, else 'avg'.
-            scan_backend / conv_backend: force an ops backend (scan: 'cpu_kernel', 'compiled', 'chunked',
-                'reference', 'mamba_ssm'; conv: 'torch', 'causal_conv1d'); default picks the fused kernels on
-                CUDA when installed, 'cpu_kernel' on CPU, else 'compiled' on CUDA and 'chunked' elsewhere.
+            scan_backend / conv_backend: force an ops backend (scan: 'triton', 'cpu_kernel', 'compiled',
+                'chunked', 'reference', 'mamba_ssm'; conv: 'triton', 'cpu_kernel', 'torch', 'reference',
+                'causal_conv1d'); default picks 'cpu_kernel' on CPU, on CUDA the first usable of
+                ops.triton_support.CUDA_AUTO_BACKENDS ('triton' first), else 'chunked' / 'torch'.
                 Env: RSMAMBA_SCAN_BACKEND, RSMAMBA_CONV_BACKEND.
         """
         super().__init__()

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan
+from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan, triton_support
+
+
+def gather_token_orders(xz: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(L, B, C) and (L, paths) -> (L, paths * B, C): every order at once, one index_select (backward: index_add)."""
+    return xz.index_select(0, order.flatten()).view(order.shape[0], -1, xz.shape[-1])
 
 
 class MambaMixer(nn.Module):
@@ -56,16 +61,38 @@ class MambaMixer(nn.Module):
         scan, conv = self.backend_names(self.A_log.device)
         return f'state_size={self.state_size}, dt_rank={self.dt_rank}, scan_backend={scan}, conv_backend={conv}'
 
+    def _on_triton(self, device) -> bool:
+        return self.backend_names(device) == ('triton', 'triton')
+
+    def _mix_params(self):
+        return (self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D, self.dt_rank)
+
+    def weigh(self, y: torch.Tensor, weights: torch.Tensor, xz: torch.Tensor, order: Optional[torch.Tensor] = None):
+        """``y * weights`` for y = mix(xz, order) (any view of it): the gate's product. On the Triton mixer autograd
+        keeps the mix's inputs instead of y, and re-computes y in backward ($RSMAMBA_GATE_RECOMPUTE)."""
+        if self._on_triton(xz.device) and triton_support.gate_recompute():
+            return triton_support.weigh_paths(y, weights, xz, order, *self._mix_params())
+        return y * weights
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, length, dim) -> (batch, length, dim)."""
         return self.out_proj(self.mix(self.in_proj(hidden.transpose(0, 1)))).transpose(0, 1)
 
-    def mix(self, xz: torch.Tensor) -> torch.Tensor:
+    def mix(self, xz: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Everything between the two projections, time-major: xz (L, N, 2E) -> y (L, N, E).
 
         Split out so that a caller running several token orders of the same tokens can project in once and
-        out once (both act on each token alone) and mix only the orders.
+        out once (both act on each token alone) and mix only the orders: with ``order`` (L, paths), xz is
+        (L, B, 2E) and sequence p * B + b of the result (N = paths * B) is b's tokens in the order order[:, p].
+        On the Triton backends one autograd function runs it all (ops/triton_mix.py).
         """
+        if self._on_triton(xz.device):
+            if order is not None and triton_support.token_order_mode() == 'gather':
+                xz, order = gather_token_orders(xz, order), None
+            return triton_support.mamba_mix(xz, order, *self._mix_params())
+        if order is not None:
+            xz = gather_token_orders(xz, order)
         E, R, S = self.intermediate_size, self.dt_rank, self.state_size
         x, z = xz.split(E, dim=-1)
 

@@ -1,10 +1,11 @@
 """Causal depthwise conv1d over (batch, dim, length), the Mamba mixer's short convolution.
 
-Backends: ``causal_conv1d`` (fused CUDA kernel from the optional extra), ``cpu_kernel`` (the CPU default:
-forward and backward in C++, csrc/mamba_cpu.cpp, as the custom ops ``rsmamba::causal_conv1d_fwd/bwd``),
-``torch`` (shifted multiply-adds that keep the input's memory layout, every device; fused by torch.compile
-for big problems on CPU and CUDA, eager otherwise) and ``reference`` (F.conv1d, the textbook definition, for
-tests; what ``auto`` picks under torch.export, a grouped ``Conv`` in ONNX).
+Backends: ``triton`` (ops/triton_conv.py, the CUDA default), ``causal_conv1d`` (fused CUDA kernel from the
+optional extra), ``cpu_kernel`` (the CPU default: forward and backward in C++, csrc/mamba_cpu.cpp, as the
+custom ops ``rsmamba::causal_conv1d_fwd/bwd``), ``torch`` (shifted multiply-adds that keep the input's
+memory layout, every device; fused by torch.compile for big problems on CPU and CUDA, eager otherwise) and
+``reference`` (F.conv1d, the textbook definition, for tests; what ``auto`` picks under torch.export, a grouped
+``Conv`` in ONNX).
 """
 import os
 from typing import Optional
@@ -12,12 +13,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import triton_support
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, MAX_CONV_TAPS, causal_conv1d_fwd, cpu_kernels_available
 from .fused_cuda import causal_conv1d_fn, fused_causal_conv1d
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
-CONV_BACKENDS = ('causal_conv1d', 'cpu_kernel', 'torch', 'reference')
+CONV_BACKENDS = ('triton', 'causal_conv1d', 'cpu_kernel', 'torch', 'reference')
+# What the error of a backend that cannot run on a device suggests instead.
+_RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'torch', 'reference'",
+             'cuda': "'auto', 'causal_conv1d' (the [cuda] extra), 'torch', 'reference'"}
 
 
 def _activate(x, activation):
@@ -142,9 +147,9 @@ def resolve_conv_backend(name: Optional[str], device=None) -> str:
         if torch.compiler.is_exporting():
             return 'reference'  # F.conv1d: a grouped Conv in ONNX
         kind = torch.device(device).type if device is not None else 'cpu'
-        if kind == 'cpu':
-            return 'cpu_kernel'
-        return 'causal_conv1d' if kind == 'cuda' and has_causal_conv1d() else 'torch'
+        if kind == 'cuda':  # triton_support.CUDA_AUTO_BACKENDS holds the order
+            return triton_support.cuda_auto_choice('conv', {'causal_conv1d': has_causal_conv1d, 'torch': lambda: True})
+        return 'cpu_kernel' if kind == 'cpu' else 'torch'
     if name not in CONV_BACKENDS:
         raise ValueError(
             f"unknown causal-conv1d backend {name!r} (from the conv_backend argument or ${BACKEND_ENV_VAR}); "
@@ -163,4 +168,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] 
         return causal_conv1d_reference(x, weight, bias, activation)
     if name == 'cpu_kernel':
         return causal_conv1d_cpu_kernel(x, weight, bias, activation)
+    if name == 'triton':
+        triton_support.require('conv', x.device, _RUNNABLE.get(x.device.type, "'auto', 'torch', 'reference'"))
+        from . import triton_conv  # on first use: see triton_support
+        return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
     return causal_conv1d_torch(x, weight, bias, activation)

@@ -9,6 +9,8 @@ Shapes follow `mamba_ssm.selective_scan_fn` so the fused kernel drops in unchang
     y_t = <h_t, C_t> + D * u_t ;  out = y * silu(z)
 
 Backends:
+* ``triton``: Triton kernels (ops/triton_scan.py), the default on CUDA: a sequential forward with the states
+  in registers, a chunk-parallel backward from chunk-boundary states; nothing to build ahead.
 * ``mamba_ssm``: the fused CUDA kernel (optional ``[cuda]`` extra, CUDA tensors only).
 * ``cpu_kernel``: the default on CPU. Forward and backward are hand-written C++ (csrc/mamba_cpu.cpp, built
   on first use in seconds, no torch.compile): one pass over the sequence per block of channels, states in
@@ -37,6 +39,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from . import triton_support
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, cpu_kernels_available, selective_scan_fwd
 from .fused_cuda import fused_selective_scan, mamba_ssm_fn
@@ -560,7 +563,17 @@ def selective_scan_mamba_ssm(
                                 delta_softplus=delta_softplus, return_last_state=return_last_state)
 
 
+def selective_scan_triton(
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The Triton kernels (ops/triton_scan.py): CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (tests)."""
+    triton_support.require('scan', u.device, _RUNNABLE.get(u.device.type, "'auto', 'chunked', 'reference'"))
+    from . import triton_scan  # on first use: see triton_support
+    return triton_scan.selective_scan_triton(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
 SCAN_BACKENDS: Dict[str, Callable] = {
+    'triton': selective_scan_triton,
     'cpu_kernel': selective_scan_cpu_kernel,
     'compiled': selective_scan_compiled,
     'chunked': selective_scan_chunked,
@@ -568,6 +581,9 @@ SCAN_BACKENDS: Dict[str, Callable] = {
     'loop': selective_scan_loop,
     'mamba_ssm': selective_scan_mamba_ssm,
 }
+# What the error of a backend that cannot run on a device suggests instead.
+_RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'compiled', 'chunked', 'reference'",
+             'cuda': "'auto', 'mamba_ssm' (the [cuda] extra), 'compiled', 'chunked', 'reference'"}
 
 
 def has_mamba_ssm() -> bool:
@@ -581,11 +597,11 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
         if torch.compiler.is_exporting():
             return 'loop'  # a graph of plain ops that any runtime (onnxruntime, ...) can run
         kind = torch.device(device).type if device is not None else 'cpu'
-        if kind == 'cuda' and has_mamba_ssm():
-            return 'mamba_ssm'
+        if kind == 'cuda':  # triton_support.CUDA_AUTO_BACKENDS holds the order
+            return triton_support.cuda_auto_choice('scan', {'mamba_ssm': has_mamba_ssm, 'compiled': lambda: True})
         if kind == 'cpu':
             return 'cpu_kernel'
-        return 'compiled' if kind == 'cuda' else 'chunked'  # inductor's MPS/XPU support is patchy
+        return 'chunked'  # inductor's MPS/XPU support is patchy
     if name not in SCAN_BACKENDS:
         raise ValueError(
             f"unknown selective-scan backend {name!r} (from the scan_backend argument or ${BACKEND_ENV_VAR}); "
