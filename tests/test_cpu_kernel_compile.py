@@ -30,17 +30,17 @@ def test_scan_ops_pass_opcheck(dtype):
     x = _time_major(make_inputs(2, 20, 13, 16, dtype=dtype))
     args = [x[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
     grad_args = [t.detach().clone().requires_grad_() for t in args]
-    torch.library.opcheck(ops.selective_scan_fwd, (*grad_args, True, 4, True))
-    _, starts, _ = ops.selective_scan_fwd(*args, True, 4, True)
+    torch.library.opcheck(ops.cpu_selective_scan_fwd, (*grad_args, True, 4, True))
+    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True)
     dout, dlast = torch.randn(13, 2, 20, dtype=dtype), torch.randn(16, 2, 20, dtype=dtype)
-    torch.library.opcheck(ops.selective_scan_bwd, (*args, starts, dout, dlast, True, 4))
+    torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, dlast, True, 4))
 
 
 def test_conv_ops_pass_opcheck():
     x = torch.randn(11, 3, 40)[:, :, :20]  # the mixer's strides
     w, b = torch.randn(20, 4, requires_grad=True), torch.randn(20, requires_grad=True)
-    torch.library.opcheck(ops.causal_conv1d_fwd, (x.requires_grad_(), w, b, True))
-    torch.library.opcheck(ops.causal_conv1d_bwd, (x.detach(), w.detach(), None, torch.randn(11, 3, 20), False))
+    torch.library.opcheck(ops.cpu_causal_conv1d_fwd, (x.requires_grad_(), w, b, True))
+    torch.library.opcheck(ops.cpu_causal_conv1d_bwd, (x.detach(), w.detach(), None, torch.randn(11, 3, 20), False))
 
 
 def test_compiled_model_fullgraph_matches_eager():

@@ -2,7 +2,7 @@
 
 Backends: ``triton`` (ops/triton_conv.py, the CUDA default), ``causal_conv1d`` (fused CUDA kernel from the
 optional extra), ``cpu_kernel`` (the CPU default: forward and backward in C++, csrc/mamba_cpu.cpp, as the
-custom ops ``rsmamba::causal_conv1d_fwd/bwd``), ``torch`` (shifted multiply-adds that keep the input's
+custom ops ``rsmamba::cpu_causal_conv1d_fwd/bwd``), ``torch`` (shifted multiply-adds that keep the input's
 memory layout, every device; fused by torch.compile for big problems on CPU and CUDA, eager otherwise) and
 ``reference`` (F.conv1d, the textbook definition, for tests; what ``auto`` picks under torch.export, a grouped
 ``Conv`` in ONNX).

@@ -306,7 +306,7 @@ def _scan_inputs(u, delta, A, B, C, D, z, delta_bias):
     return u, delta, A, B, C, D, z, delta_bias
 
 
-@torch.library.custom_op('rsmamba::selective_scan_fwd', mutates_args=(), device_types='cpu')
+@torch.library.custom_op('rsmamba::cpu_selective_scan_fwd', mutates_args=(), device_types='cpu')
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
                        save_starts: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -335,7 +335,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts):
     return _scan_outputs(u, A, chunk_len, save_starts)
 
 
-@torch.library.custom_op('rsmamba::selective_scan_bwd', mutates_args=(), device_types='cpu')
+@torch.library.custom_op('rsmamba::cpu_selective_scan_bwd', mutates_args=(), device_types='cpu')
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
                        dlast: Optional[Tensor], softplus: bool, chunk_len: int) -> List[Tensor]:
@@ -409,7 +409,7 @@ def _conv_inputs(x, weight, bias):
     return _unit_last_stride(x), weight, None if bias is None else bias.contiguous()
 
 
-@torch.library.custom_op('rsmamba::causal_conv1d_fwd', mutates_args=(), device_types='cpu')
+@torch.library.custom_op('rsmamba::cpu_causal_conv1d_fwd', mutates_args=(), device_types='cpu')
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     """Causal depthwise conv (+ SiLU) of a time-major tensor x (L, batch, dim); weight (dim, taps)."""
     x, weight, bias = _conv_inputs(x, weight, bias)
@@ -425,7 +425,7 @@ def _(x, weight, bias, silu):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op('rsmamba::causal_conv1d_bwd', mutates_args=(), device_types='cpu')
+@torch.library.custom_op('rsmamba::cpu_causal_conv1d_bwd', mutates_args=(), device_types='cpu')
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
                       silu: bool) -> List[Tensor]:
     """dx, dweight and dbias (empty without a bias) of `causal_conv1d_fwd`, the pre-activation re-computed."""

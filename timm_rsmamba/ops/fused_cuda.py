@@ -65,7 +65,7 @@ def _package_function(module: str, name: str):
 
 
 # ---- the selective scan ----------------------------------------------------------------------------------------
-@torch.library.custom_op('rsmamba::mamba_ssm_scan', mutates_args=())
+@torch.library.custom_op('rsmamba::fused_selective_scan', mutates_args=())
 def _scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
           D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
           softplus: bool) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus):
     return torch.empty_like(u)
 
 
-@torch.library.custom_op('rsmamba::mamba_ssm_scan_backward', mutates_args=())
+@torch.library.custom_op('rsmamba::fused_selective_scan_backward', mutates_args=())
 def _scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                    softplus: bool, dout: torch.Tensor) -> List[torch.Tensor]:
@@ -120,7 +120,7 @@ def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
 
 # ---- the causal conv -------------------------------------------------------------------------------------------
-@torch.library.custom_op('rsmamba::causal_conv1d', mutates_args=())
+@torch.library.custom_op('rsmamba::fused_causal_conv1d', mutates_args=())
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     with torch.no_grad():
         return causal_conv1d_fn()(x, weight, bias, activation='silu' if silu else None)
@@ -131,7 +131,7 @@ def _(x, weight, bias, silu):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op('rsmamba::causal_conv1d_backward', mutates_args=())
+@torch.library.custom_op('rsmamba::fused_causal_conv1d_backward', mutates_args=())
 def _conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
                    dout: torch.Tensor) -> List[torch.Tensor]:
     function = _package_function('causal_conv1d.causal_conv1d_interface', 'CausalConv1dFn')

@@ -15,7 +15,7 @@ Backends:
 * ``cpu_kernel``: the default on CPU. Forward and backward are hand-written C++ (csrc/mamba_cpu.cpp, built
   on first use in seconds, no torch.compile): one pass over the sequence per block of channels, states in
   vector registers; the backward re-computes states chunk by chunk like ``compiled``'s. Custom ops
-  (``torch.ops.rsmamba.selective_scan_fwd/bwd``), so torch.compile traces through them. ``compiled`` runs
+  (``torch.ops.rsmamba.cpu_selective_scan_fwd/bwd``), so torch.compile traces through them. ``compiled`` runs
   where the kernels cannot be built (``chunked`` if there is no C++ compiler at all).
 * ``compiled``: pure PyTorch, the default on CUDA without the extra. The sequence is cut
   into chunks of 8 positions; each chunk's forward and backward is a plain loop over positions that
@@ -520,7 +520,7 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         chunk_len: Optional[int] = None):
-    """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::selective_scan_fwd``.
+    """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::cpu_selective_scan_fwd``.
 
     One pass over the sequence with the states in vector registers and inlined exp/log; the backward
     re-computes each chunk of ``chunk_len`` positions (default CPU_CHUNK_LEN) from the state the forward saved

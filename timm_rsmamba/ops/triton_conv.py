@@ -140,7 +140,7 @@ def _order_args(order: Optional[torch.Tensor], x: torch.Tensor):
     return order, order.stride(0), order.stride(1), order.shape[1] * x.shape[0], x.shape[0]
 
 
-@triton_op('rsmamba::causal_conv1d_fwd', mutates_args=())
+@triton_op('rsmamba::triton_causal_conv1d_fwd', mutates_args=())
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       order: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     """x: (B, dim, L) with any strides; weight (dim, K); order (L, paths) or None.
@@ -162,7 +162,7 @@ def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out
 
 
-@triton_op('rsmamba::causal_conv1d_bwd', mutates_args=())
+@triton_op('rsmamba::triton_causal_conv1d_bwd', mutates_args=())
 def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       order: Optional[torch.Tensor], silu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout: (L, sequences, dim), any strides. Returns dx time-major (L, sequences, dim) in x's dtype (per token

@@ -282,7 +282,7 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-@triton_op('rsmamba::selective_scan_fwd', mutates_args=())
+@triton_op('rsmamba::triton_selective_scan_fwd', mutates_args=())
 def selective_scan_fwd(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
@@ -315,7 +315,7 @@ def selective_scan_fwd(
     return out, states, last
 
 
-@triton_op('rsmamba::selective_scan_bwd', mutates_args=())
+@triton_op('rsmamba::triton_selective_scan_bwd', mutates_args=())
 def selective_scan_bwd(
         dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
