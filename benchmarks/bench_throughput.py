@@ -55,20 +55,17 @@ from timm_rsmamba.malloc import (  # noqa: E402
     LEAN_TUNABLES, MALLOC_CHOICES, MALLOC_HELP, configure_malloc, resolve_malloc)
 
 PEERS = {'deit_tiny': 'deit_tiny_patch16_224', 'deit_small': 'deit_small_patch16_224', 'resnet50': 'resnet50'}
-<<<<<<< HEAD
-# rows that only force backends; the others (ours_ckpt, reference, original) are set up in row_spec
+# rows that only force backends; the others (ours_ckpt, reference, original, triton*) are set up in row_spec
 BACKEND_ROWS = {
     'ours': {},
     'compiled': dict(scan_backend='compiled', conv_backend='torch'),
     'chunked': dict(scan_backend='chunked', conv_backend='torch'),
     'floor': dict(scan_backend='identity'),
+    'fused': dict(scan_backend='mamba_ssm', conv_backend='causal_conv1d'),
 }
-RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor')
-=======
 TRITON_ROWS = {'triton': {}, 'triton_gather': {'RSMAMBA_TOKEN_ORDER': 'gather'},
                'triton_keep_y': {'RSMAMBA_GATE_RECOMPUTE': '0'}}  # row -> environment of its children
 RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', *TRITON_ROWS, 'fused')
->>>>>>> triton
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
     'cpu': ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', 'deit_tiny', 'resnet50'),
@@ -110,17 +107,10 @@ def row_spec(row: str, model: str, args) -> dict:
             # with checkpointing (20 GB+ for rsmamba_base); a fixed mmap threshold returns them to the OS
             spec['train_env'] = {'MALLOC_MMAP_THRESHOLD_': '65536'}
             spec['note'] += ', train with MALLOC_MMAP_THRESHOLD_=65536'
-<<<<<<< HEAD
-=======
-    elif row == 'floor':
-        spec['kwargs'] = dict(scan_backend='identity')
     elif row in TRITON_ROWS:
         spec['kwargs'] = dict(scan_backend='triton', conv_backend='triton')
         spec['eval_env'] = spec['train_env'] = TRITON_ROWS[row]
         spec['note'] = ' '.join(f'{k}={v}' for k, v in TRITON_ROWS[row].items())
-    elif row == 'fused':
-        spec['kwargs'] = dict(scan_backend='mamba_ssm', conv_backend='causal_conv1d')
->>>>>>> triton
     spec['batch_size'] = args.row_batch.get(row, spec['batch_size'])
     return spec
 
