@@ -20,8 +20,10 @@ import torch
 __all__ = ['example_input', 'export_onnx', 'export_program', 'onnx_metadata', 'check_onnx', 'main']
 
 _logger = logging.getLogger(__name__)
-# loggers that print a line per block while an ONNX file is optimised
-_CHATTY_LOGGERS = ('onnxscript.optimizer._constant_folding', 'onnxscript.rewriter', 'torch.onnx')
+# loggers that print a line per block while an ONNX file is optimised, and the level they are held to: constant
+# folding warns once per block that it leaves the TopK of the constant token orders' argsort unfolded
+_CHATTY_LOGGERS = {'onnxscript.optimizer._constant_folding': logging.ERROR, 'onnxscript.rewriter': logging.WARNING,
+                   'torch.onnx': logging.WARNING}
 
 
 def example_input(model: torch.nn.Module, batch_size: int = 2, img_size: Optional[Sequence[int]] = None):
@@ -71,8 +73,8 @@ def export_onnx(model: torch.nn.Module, path: str, x: Optional[torch.Tensor] = N
     _check_exportable(model)
     x = example_input(model) if x is None else x
     levels = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
-    for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in _CHATTY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     try:
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=_dynamic_batch(), opset_version=opset,
                                     verbose=False)
@@ -89,6 +91,7 @@ def check_onnx(path: str, model: torch.nn.Module, inputs: Sequence[torch.Tensor]
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: it notes an initializer the exporter left unused
     session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     worst = 0.
