@@ -36,6 +36,20 @@ def _optional(t: torch.Tensor) -> Optional[torch.Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
+def _register_replayed_autograd(op, backward_op, num_tensors: int):
+    """``op``'s autograd: its first ``num_tensors`` inputs are saved, the one flag after them is kept, and
+    ``backward_op(*saved, flag, dout)`` gives their gradients (none for the flag)."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:num_tensors])
+        ctx.flag = inputs[num_tensors]
+
+    def backward(ctx, dout):
+        grads = backward_op(*ctx.saved_tensors, ctx.flag, dout)
+        return (*[_optional(g) for g in grads], None)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 class _ReplayContext:
     """What an autograd.Function's forward and backward use of ``ctx``, without autograd."""
 
@@ -92,17 +106,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
     return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
 
 
-def _scan_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.softplus = inputs[8]
-
-
-def _scan_autograd(ctx, dout):
-    grads = _scan_backward(*ctx.saved_tensors, ctx.softplus, dout)
-    return (*[_optional(g) for g in grads], None)
-
-
-_scan.register_autograd(_scan_autograd, setup_context=_scan_setup)
+_register_replayed_autograd(_scan, _scan_backward, 8)
 
 
 def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -145,17 +149,7 @@ def _(x, weight, bias, silu, dout):
             x.new_empty(0)]
 
 
-def _conv_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:3])
-    ctx.silu = inputs[3]
-
-
-def _conv_autograd(ctx, dout):
-    grads = _conv_backward(*ctx.saved_tensors, ctx.silu, dout)
-    return (*[_optional(g) for g in grads], None)
-
-
-_conv.register_autograd(_conv_autograd, setup_context=_conv_setup)
+_register_replayed_autograd(_conv, _conv_backward, 3)
 
 
 def fused_causal_conv1d(x, weight, bias=None, activation=None):
