@@ -9,7 +9,7 @@ import timm_rsmamba  # noqa: F401
 from timm_rsmamba.ops.cpu_kernel import cpu_kernels_available
 
 from conftest import TINY
-from test_ops import make_inputs
+from test_ops import make_inputs, token_orders
 
 ops = torch.ops.rsmamba
 
@@ -36,11 +36,27 @@ def test_scan_ops_pass_opcheck(dtype):
     torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, dlast, True, 4))
 
 
-def test_conv_ops_pass_opcheck():
+def test_scan_ops_reading_token_orders_pass_opcheck():
+    """With z read through an order index: z is the (L, batch / paths, dim) source, dz per token order."""
+    x = _time_major(make_inputs(6, 20, 13, 16))
+    x['z'] = torch.randn(13, 6, 40)[:, :2, :20]  # the mixer's strides: half of xz
+    order = token_orders(13)
+    args = [x[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
+    grad_args = [t.detach().clone().requires_grad_() for t in args]
+    torch.library.opcheck(ops.cpu_selective_scan_fwd, (*grad_args, True, 4, True, order))
+    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True, order)
+    dout = torch.randn(13, 6, 20)
+    torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, order))
+
+
+@pytest.mark.parametrize('with_order', [False, True])
+def test_conv_ops_pass_opcheck(with_order):
     x = torch.randn(11, 3, 40)[:, :, :20]  # the mixer's strides
     w, b = torch.randn(20, 4, requires_grad=True), torch.randn(20, requires_grad=True)
-    torch.library.opcheck(ops.cpu_causal_conv1d_fwd, (x.requires_grad_(), w, b, True))
-    torch.library.opcheck(ops.cpu_causal_conv1d_bwd, (x.detach(), w.detach(), None, torch.randn(11, 3, 20), False))
+    order = token_orders(11) if with_order else None
+    dout = torch.randn(11, 9 if with_order else 3, 20)
+    torch.library.opcheck(ops.cpu_causal_conv1d_fwd, (x.requires_grad_(), w, b, True, order))
+    torch.library.opcheck(ops.cpu_causal_conv1d_bwd, (x.detach(), w.detach(), None, dout, False, order))
 
 
 def test_compiled_model_fullgraph_matches_eager():

@@ -449,3 +449,22 @@ def test_initialisation_follows_the_spec():
     for layer, fan_in in ((mixer.in_proj, 192), (mixer.out_proj, 384), (mixer.dt_proj, 12), (mixer.conv1d, 4)):
         bound = fan_in ** -0.5
         assert layer.weight.abs().max() <= bound + 1e-6 and layer.weight.abs().max() > 0.9 * bound, layer
+
+
+def test_token_orders_read_by_the_kernels_match_a_gathered_copy(monkeypatch):
+    """The C++ conv and scan read x and z through the blocks' order index ($RSMAMBA_TOKEN_ORDER=kernel, the default)
+    or get a gathered copy (gather): the same logits bit for bit, and the same gradients up to summation order."""
+    model = tiny()
+    assert model.blocks[0].mixer.backend_names() == ('cpu_kernel', 'cpu_kernel')
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for mode in ('gather', 'kernel'):
+        monkeypatch.setenv('RSMAMBA_TOKEN_ORDER', mode)
+        model.zero_grad()
+        torch.manual_seed(0)  # the same shuffles in training mode
+        logits = model(x)
+        logits.logsumexp(-1).sum().backward()
+        results[mode] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(results['kernel'][0], results['gather'][0])
+    for name, g in results['kernel'][1].items():
+        torch.testing.assert_close(g, results['gather'][1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -430,3 +430,92 @@ def test_compiled_causal_conv_matches_reference(monkeypatch, activation):
     for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
                         torch.autograd.grad((ref * weight).sum(), (x, w, b))):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+# ---- token orders: the C++ conv and scan read x and z through the multi-path block's order index -------------
+
+
+def token_orders(length: int) -> torch.Tensor:
+    """(L, 3): forward, reversed and a fixed shuffle, as the multi-path block builds them."""
+    shuffle = torch.randperm(length, generator=torch.Generator().manual_seed(length))
+    return torch.stack([torch.arange(length), torch.arange(length).flip(0), shuffle], dim=1)
+
+
+def read_in_orders(source: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(B, C, L) -> (paths * B, C, L) by plain indexing: sequence p * B + b is source[b] in the order order[:, p]."""
+    return torch.cat([source[:, :, order[:, p]] for p in range(order.shape[1])])
+
+
+@pytest.mark.parametrize('backend', ['cpu_kernel', 'torch'])
+@pytest.mark.parametrize('L,dim', [(1, 6), (37, 20)])
+def test_conv_reads_token_orders(backend, L, dim):
+    """x read through an (L, paths) order index (natively by the C++ conv, through a gathered copy by the others):
+    values and gradients, summed back over the orders, as the reference conv of the indexed copy."""
+    order = token_orders(L)
+    x = torch.randn(L, 3, 2 * dim)[:, :, :dim].permute(1, 2, 0).requires_grad_()  # the mixer's strides
+    w, b = torch.randn(dim, 4, requires_grad=True), torch.randn(dim, requires_grad=True)
+    out = causal_conv1d(x, w, b, 'silu', backend=backend, order=order)
+    ref = causal_conv1d_reference(read_in_orders(x, order), w, b, 'silu')
+    assert out.shape == (3 * 3, dim, L)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(ref)
+    for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), (x, w, b)),
+                        torch.autograd.grad((ref * weight).sum(), (x, w, b))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('backend', ['cpu_kernel', 'chunked'])
+def test_scan_reads_z_in_token_orders(backend):
+    """z read through the order index (natively by the C++ scan, from a gathered copy by the others) against the
+    reference scan of the indexed copy: values and the gradients of every input, z's summed over the orders."""
+    batch, d, L, n = 2, 20, 37, 16
+    order = token_orders(L)
+    x = make_inputs(3 * batch, d, L, n)
+    z_source = torch.randn(batch, d, L)
+    ref_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    new_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    z_ref, z_new = z_source.clone().requires_grad_(), z_source.clone().requires_grad_()
+    ref_inputs['z'], new_inputs['z'] = read_in_orders(z_ref, order), z_new
+    y_ref = selective_scan_reference(**ref_inputs, delta_softplus=True)
+    y_new = selective_scan(**new_inputs, delta_softplus=True, backend=backend, z_order=order)
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(y_ref)
+    (y_ref * weight).sum().backward()
+    (y_new * weight).sum().backward()
+    ref_inputs['z'], new_inputs['z'] = z_ref, z_new
+    for name, t in ref_inputs.items():
+        scale = t.grad.abs().max().clamp_min(1e-6)
+        assert ((new_inputs[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+
+
+def test_cpu_kernel_token_orders_gradcheck_float64():
+    """float64 gradcheck of the C++ conv and scan reading through an order index (small shapes)."""
+    order = token_orders(5)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: causal_conv1d(x, w, b, 'silu', backend='cpu_kernel', order=order), (x, w, b))
+    s = make_inputs(6, 3, 5, 2, dtype=torch.float64)
+    s = {k: v.requires_grad_() for k, v in s.items()}
+    s['z'] = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    names = list(s)
+    assert torch.autograd.gradcheck(
+        lambda *args: selective_scan(**dict(zip(names, args)), delta_softplus=True, backend='cpu_kernel',
+                                     z_order=order), tuple(s.values()))
+
+
+def test_cpu_kernel_refuses_bad_token_orders():
+    """The kernels read through the index unchecked, so the op checks it first and says what is wrong."""
+    x = torch.randn(2, 3, 5)
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r'out of range \[0, 5\)'):
+        causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(5) + 1)
+    with pytest.raises(ValueError, match='int64 token-order index'):
+        causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(5).float())
+    with pytest.raises(ValueError, match='with L = 5'):
+        causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(4))
+    s = make_inputs(6, 3, 5, 2)
+    with pytest.raises(ValueError, match='read in 3 token orders'):
+        selective_scan(**dict(s, z=torch.randn(3, 3, 5)), delta_softplus=True, backend='cpu_kernel',
+                       z_order=token_orders(5))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import timm
 from timm_rsmamba.ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan
-from timm_rsmamba.ops import triton_support
+from timm_rsmamba.ops import token_orders, triton_support
 from timm_rsmamba.ops.conv import causal_conv1d_reference
 from timm_rsmamba.ops.scan import selective_scan_reference
 
@@ -210,7 +210,7 @@ def tiny_reference():
 @pytest.mark.parametrize('token_order,gate_recompute', [('kernel', '1'), ('gather', '0')])
 def test_tiny_model_matches_reference_backends(tiny_reference, monkeypatch, token_order, gate_recompute):
     """Eval mode (fixed shuffle permutations) so both see the same orders; gradients flow all the same."""
-    monkeypatch.setenv(triton_support.TOKEN_ORDER_ENV_VAR, token_order)
+    monkeypatch.setenv(token_orders.TOKEN_ORDER_ENV_VAR, token_order)
     monkeypatch.setenv(triton_support.GATE_RECOMPUTE_ENV_VAR, gate_recompute)
     ref_model, x, ref_logits, ref_grads = tiny_reference
     model = timm.create_model('rsmamba_small', scan_backend='triton', conv_backend='triton', num_classes=5,
@@ -359,9 +359,9 @@ def test_auto_prefers_triton_on_cuda_and_falls_back_with_one_warning(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # once per reason, not at every forward
         assert resolve_conv_backend(None, cuda) in ('causal_conv1d', 'torch')
-    monkeypatch.setenv(triton_support.TOKEN_ORDER_ENV_VAR, 'sideways')
+    monkeypatch.setenv(token_orders.TOKEN_ORDER_ENV_VAR, 'sideways')
     with pytest.raises(ValueError, match='RSMAMBA_TOKEN_ORDER'):
-        triton_support.token_order_mode()
+        token_orders.token_order_mode()
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():

@@ -7,11 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan, triton_support
-
-
-def gather_token_orders(xz: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """(L, B, C) and (L, paths) -> (L, paths * B, C): every order at once, one index_select (backward: index_add)."""
-    return xz.index_select(0, order.flatten()).view(order.shape[0], -1, xz.shape[-1])
+from ..ops.token_orders import gather_token_orders, token_order_mode
 
 
 class MambaMixer(nn.Module):
@@ -85,14 +81,13 @@ class MambaMixer(nn.Module):
         Split out so that a caller running several token orders of the same tokens can project in once and
         out once (both act on each token alone) and mix only the orders: with ``order`` (L, paths), xz is
         (L, B, 2E) and sequence p * B + b of the result (N = paths * B) is b's tokens in the order order[:, p].
-        On the Triton backends one autograd function runs it all (ops/triton_mix.py).
+        The conv and the scan read x and z through ``order`` where their backends can, with no gathered copy
+        (ops/token_orders.py). On the Triton backends one autograd function runs it all (ops/triton_mix.py).
         """
+        if order is not None and token_order_mode() == 'gather':
+            xz, order = gather_token_orders(xz, order), None
         if self._on_triton(xz.device):
-            if order is not None and triton_support.token_order_mode() == 'gather':
-                xz, order = gather_token_orders(xz, order), None
             return triton_support.mamba_mix(xz, order, *self._mix_params())
-        if order is not None:
-            xz = gather_token_orders(xz, order)
         E, R, S = self.intermediate_size, self.dt_rank, self.state_size
         x, z = xz.split(E, dim=-1)
 
@@ -101,12 +96,12 @@ class MambaMixer(nn.Module):
 
         x = causal_conv1d(
             channel_major(x), self.conv1d.weight[:, 0], self.conv1d.bias,
-            activation='silu', backend=self.conv_backend)
+            activation='silu', backend=self.conv_backend, order=order)
         x_tm = x.permute(2, 0, 1)
         dt, B, C = self.x_proj(x_tm).split([R, S, S], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)  # the bias goes in as delta_bias, as the fused kernel wants
         y = selective_scan(
             x, channel_major(delta), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
             D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.scan_backend)
+            backend=self.scan_backend, z_order=order)
         return y.permute(2, 0, 1)

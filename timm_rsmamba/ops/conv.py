@@ -6,6 +6,9 @@ custom ops ``rsmamba::cpu_causal_conv1d_fwd/bwd``), ``torch`` (shifted multiply-
 memory layout, every device; fused by torch.compile for big problems on CPU and CUDA, eager otherwise) and
 ``reference`` (F.conv1d, the textbook definition, for tests; what ``auto`` picks under torch.export, a grouped
 ``Conv`` in ONNX).
+
+The multi-path block's token orders (``order``, ops/token_orders.py): ``cpu_kernel`` and ``triton`` read x
+through the index; the other backends get a gathered copy.
 """
 import os
 from typing import Optional
@@ -17,9 +20,12 @@ from . import triton_support
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, MAX_CONV_TAPS, causal_conv1d_fwd, cpu_kernels_available
 from .fused_cuda import causal_conv1d_fn, fused_causal_conv1d
+from .token_orders import gather_channel_major
 
 BACKEND_ENV_VAR = 'RSMAMBA_CONV_BACKEND'
 CONV_BACKENDS = ('triton', 'causal_conv1d', 'cpu_kernel', 'torch', 'reference')
+# The backends that take ``order`` and read x through it; the others get a gathered copy of x.
+ORDER_READING_CONVS = {'triton', 'cpu_kernel'}
 # What the error of a backend that cannot run on a device suggests instead.
 _RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'torch', 'reference'",
              'cuda': "'auto', 'causal_conv1d' (the [cuda] extra), 'torch', 'reference'"}
@@ -121,11 +127,12 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None, may_compile: bool
     return out.permute(1, 2, 0)
 
 
-def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
+def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None, order: Optional[torch.Tensor] = None):
     """The C++ conv (csrc/mamba_cpu.cpp), forward and backward: one pass each, the SiLU's exp inlined.
 
     CPU tensors, all fp32 or all fp64, up to MAX_CONV_TAPS taps; anything else, and machines where the kernels
-    cannot be built, run `causal_conv1d_torch` (eagerly if there is no C++ compiler).
+    cannot be built, run `causal_conv1d_torch` (eagerly if there is no C++ compiler). ``order``: read x through
+    an (L, paths) token-order index, with no gathered copy (the result has paths * batch sequences).
     """
     if x.device.type != 'cpu':
         raise RuntimeError(f"conv backend 'cpu_kernel' runs on CPU tensors only, got {x.device.type}; "
@@ -133,8 +140,10 @@ def causal_conv1d_cpu_kernel(x, weight, bias=None, activation=None):
     dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
     if (len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64} or weight.shape[-1] > MAX_CONV_TAPS
             or not cpu_kernels_available()):
+        if order is not None:
+            x = gather_channel_major(x, order)
         return causal_conv1d_torch(x, weight, bias, activation, may_compile=CPU_KERNELS.compiler_found)
-    return causal_conv1d_fwd(x.permute(2, 0, 1), weight, bias, _is_silu(activation)).permute(1, 2, 0)
+    return causal_conv1d_fwd(x.permute(2, 0, 1), weight, bias, _is_silu(activation), order).permute(1, 2, 0)
 
 
 def has_causal_conv1d() -> bool:
@@ -157,9 +166,16 @@ def resolve_conv_backend(name: Optional[str], device=None) -> str:
     return name
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] = None):
-    """x: (batch, dim, length); weight: (dim, kernel); bias: (dim,)."""
+def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] = None,
+                  order: Optional[torch.Tensor] = None):
+    """x: (batch, dim, length); weight: (dim, kernel); bias: (dim,).
+
+    ``order`` (length, paths): sequence p * batch + b of the result is x[b] read in the token order order[:, p]
+    (the multi-path block's orders; see token_orders), so the result has paths * batch sequences.
+    """
     name = resolve_conv_backend(backend, x.device)
+    if order is not None and name not in ORDER_READING_CONVS:
+        x, order = gather_channel_major(x, order), None
     if name == 'causal_conv1d':
         if not x.is_cuda:
             raise RuntimeError("conv backend 'causal_conv1d' needs CUDA tensors and pip install 'timm-rsmamba[cuda]'")
@@ -167,9 +183,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend: Optional[str] 
     if name == 'reference':
         return causal_conv1d_reference(x, weight, bias, activation)
     if name == 'cpu_kernel':
-        return causal_conv1d_cpu_kernel(x, weight, bias, activation)
+        return causal_conv1d_cpu_kernel(x, weight, bias, activation, order)
     if name == 'triton':
         triton_support.require('conv', x.device, _RUNNABLE.get(x.device.type, "'auto', 'torch', 'reference'"))
         from . import triton_conv  # on first use: see triton_support
-        return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
+        return triton_conv.causal_conv1d_triton(x, weight, bias, activation, order)
     return causal_conv1d_torch(x, weight, bias, activation)

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .token_orders import scatter_token_orders
+
 _SOURCE = Path(__file__).parent / 'csrc' / 'mamba_cpu.cpp'
 ISA_ENV_VAR = 'RSMAMBA_CPU_ISA'
 MAX_CONV_TAPS = 8  # kMaxTaps of the source: the conv backward keeps one register per tap
@@ -175,7 +177,8 @@ class _ScanArgs(ctypes.Structure):
                                                'chunk_len', 'softplus', 'threads')] +
                 [(k, ctypes.c_void_p) for k in ('out', 'starts', 'last', 'dout', 'dlast')] +
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
-                [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias')])
+                [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
+                                                'z_rows')])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -183,7 +186,7 @@ class _ConvArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_void_p) for k in ('x', 'weight', 'bias', 'dout')] +
                 [(k, ctypes.c_int64) for k in ('x_t', 'x_b', 'dout_t', 'dout_b', 'w_d', 'w_k', 'length', 'batch',
                                                'dim', 'taps', 'silu', 'threads')] +
-                [(k, ctypes.c_void_p) for k in ('out', 'dx', 'dweight', 'dbias')])
+                [(k, ctypes.c_void_p) for k in ('out', 'dx', 'dweight', 'dbias', 'x_rows')])
 
 
 _ENTRY_POINTS = {'rsm_scan_forward': _ScanArgs, 'rsm_scan_backward': _ScanArgs,
@@ -282,42 +285,72 @@ def _chunks(length: int, chunk_len: int) -> int:
     return (length + chunk_len - 1) // chunk_len
 
 
+def _check_order(name: str, source: Tensor, order: Optional[Tensor]) -> None:
+    """An (L, paths) int64 index of positions of ``source`` (L, B, C): the kernels read through it unchecked."""
+    if order is None:
+        return
+    if order.dtype != torch.int64 or order.dim() != 2 or order.shape[0] != source.shape[0]:
+        raise ValueError(f'{name}: want an int64 token-order index of shape (L, paths) with L = {source.shape[0]}, '
+                         f'got {order.dtype} {tuple(order.shape)}')
+    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= source.shape[0]):
+        raise ValueError(f'{name}: token-order index out of range [0, {source.shape[0]})')
+
+
+def _row_offsets(source: Tensor, order: Tensor) -> Tensor:
+    """(L, paths * B) element offsets into ``source`` (L, B, C) of row order[l, p] of sequence b, for every
+    position l and sequence p * B + b: what the kernels read through instead of a gathered copy."""
+    batch = torch.arange(source.shape[1], device=order.device) * source.stride(1)
+    return (order[:, :, None] * source.stride(0) + batch).flatten(1).contiguous()
+
+
+def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
+    return source.shape[1] * (order.shape[1] if order is not None else 1)
+
+
 # ---- the scan ------------------------------------------------------------------------------------------------
 
 
-def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int) -> _ScanArgs:
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int, z_rows) -> _ScanArgs:
     length, batch, dim = u.shape
     zz = z if z is not None else u  # strides only; the null pointer says there is no z
     return _ScanArgs(
-        u=_ptr(u), delta=_ptr(delta), A=_ptr(A), B=_ptr(B), C=_ptr(C), D=_ptr(D), z=_ptr(z),
+        u=_ptr(u), delta=_ptr(delta), A=_ptr(A), B=_ptr(B), C=_ptr(C), D=_ptr(D), z=_ptr(z), z_rows=_ptr(z_rows),
         delta_bias=_ptr(delta_bias), u_t=u.stride(0), u_b=u.stride(1), delta_t=delta.stride(0),
         delta_b=delta.stride(1), z_t=zz.stride(0), z_b=zz.stride(1), B_t=B.stride(0), B_b=B.stride(1),
         C_t=C.stride(0), C_b=C.stride(1), A_d=A.stride(0), A_s=A.stride(1), length=length, batch=batch, dim=dim,
         n_state=A.shape[1], chunk_len=chunk_len, softplus=int(softplus), threads=torch.get_num_threads())
 
 
-def _scan_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order):
+    """The inputs as the kernel reads them, and z's row offsets (None without ``z_order``)."""
     if u.dim() != 3 or B.shape != C.shape or B.shape[:2] != u.shape[:2] or A.shape != (u.shape[2], B.shape[2]):
         raise ValueError(f'selective_scan_fwd: want u, delta, z (L, batch, dim), B, C (L, batch, state), '
                          f'A (dim, state); got u {tuple(u.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}')
     _check_dtypes('selective_scan_fwd', u, delta, A, B, C, D, z, delta_bias)
+    if z is not None and (z.dim() != 3 or (z.shape[0], _sequences(z, z_order), z.shape[2]) != tuple(u.shape)):
+        raise ValueError(f'selective_scan_fwd: z {tuple(z.shape)} does not match u {tuple(u.shape)}'
+                         + (f' read in {z_order.shape[1]} token orders' if z_order is not None else ''))
+    if z is not None:
+        _check_order('selective_scan_fwd', z, z_order)
     u, delta, B, C, z = (_unit_last_stride(t) for t in (u, delta, B, C, z))
     D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
-    return u, delta, A, B, C, D, z, delta_bias
+    z_rows = _row_offsets(z, z_order) if z is not None and z_order is not None else None  # kept by the caller
+    return (u, delta, A, B, C, D, z, delta_bias), z_rows
 
 
 @torch.library.custom_op('rsmamba::cpu_selective_scan_fwd', mutates_args=(), device_types='cpu')
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
-                       save_starts: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                       save_starts: bool, z_order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The scan on time-major tensors: u, delta, z (L, batch, dim); B, C (L, batch, state); A (dim, state).
+    With ``z_order`` (L, paths), z is the source (L, batch / paths, dim) read in those token orders.
 
     Returns out (L, batch, dim), the state at each chunk start (chunks, state, batch, dim) (empty unless
     ``save_starts``: what the backward re-computes from) and the last state (state, batch, dim).
     """
-    u, delta, A, B, C, D, z, delta_bias = _scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
-    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len)
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
     args.out, args.starts, args.last = _ptr(out), _ptr(starts) if save_starts else None, _ptr(last)
     _call('rsm_scan_forward', u, args)
     return out, starts, last
@@ -331,17 +364,19 @@ def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts):
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_order=None):
     return _scan_outputs(u, A, chunk_len, save_starts)
 
 
 @torch.library.custom_op('rsmamba::cpu_selective_scan_bwd', mutates_args=(), device_types='cpu')
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
-                       dlast: Optional[Tensor], softplus: bool, chunk_len: int) -> List[Tensor]:
+                       dlast: Optional[Tensor], softplus: bool, chunk_len: int,
+                       z_order: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
-    d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient."""
-    u, delta, A, B, C, D, z, delta_bias = _scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient.
+    With ``z_order``, dz is per token order, (L, batch, dim) like u: summing it back is autograd's step."""
+    (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     expected = (_chunks(u.shape[0], chunk_len), A.shape[1], *u.shape[1:])
     if tuple(starts.shape) != expected:
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
@@ -349,7 +384,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     grads = _scan_grads(u, A, B, D, z, delta_bias)
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
-    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len)
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
     args.starts, args.dout, args.dlast = _ptr(starts), _ptr(dout), _ptr(dlast)
     args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
     for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias'), grads,
@@ -367,23 +402,25 @@ def _scan_grads(u, A, B, D, z, delta_bias) -> List[Tensor]:
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len):
+def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None):
     return _scan_grads(u, A, B, D, z, delta_bias)
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order)
     ctx.softplus, ctx.chunk_len = softplus, chunk_len
 
 
 def _scan_backward(ctx, dout, _dstarts, dlast):
-    u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, starts, z_order = ctx.saved_tensors
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
-                               ctx.chunk_len)
+                               ctx.chunk_len, z_order)
     du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
+    if z is not None and z_order is not None:
+        dz = scatter_token_orders(dz, z_order)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            d_bias if delta_bias is not None else None, None, None, None)
+            d_bias if delta_bias is not None else None, None, None, None, None)
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -392,72 +429,86 @@ selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_c
 # ---- the conv ------------------------------------------------------------------------------------------------
 
 
-def _conv_args(x, weight, bias, silu: bool) -> _ConvArgs:
-    length, batch, dim = x.shape
+def _conv_args(x, weight, bias, silu: bool, order, x_rows) -> _ConvArgs:
+    length, _, dim = x.shape
     return _ConvArgs(x=_ptr(x), weight=_ptr(weight), bias=_ptr(bias), x_t=x.stride(0), x_b=x.stride(1),
-                     w_d=weight.stride(0), w_k=weight.stride(1), length=length, batch=batch, dim=dim,
-                     taps=weight.shape[1], silu=int(silu), threads=torch.get_num_threads())
+                     w_d=weight.stride(0), w_k=weight.stride(1), length=length, batch=_sequences(x, order),
+                     dim=dim, taps=weight.shape[1], silu=int(silu), threads=torch.get_num_threads(),
+                     x_rows=_ptr(x_rows))
 
 
-def _conv_inputs(x, weight, bias):
+def _conv_inputs(x, weight, bias, order):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f'causal_conv1d: want x (L, batch, dim) and weight (dim, taps); got x {tuple(x.shape)}, '
                          f'weight {tuple(weight.shape)}')
     if weight.shape[1] > MAX_CONV_TAPS:
         raise ValueError(f'causal_conv1d: at most {MAX_CONV_TAPS} taps, got {weight.shape[1]}')
     _check_dtypes('causal_conv1d', x, weight, bias)
-    return _unit_last_stride(x), weight, None if bias is None else bias.contiguous()
+    _check_order('causal_conv1d', x, order)
+    x = _unit_last_stride(x)
+    x_rows = _row_offsets(x, order) if order is not None else None  # the caller keeps it while the kernel runs
+    return x, weight, None if bias is None else bias.contiguous(), x_rows
+
+
+def _conv_output(x, order):
+    return x.new_empty(x.shape[0], _sequences(x, order), x.shape[2])
 
 
 @torch.library.custom_op('rsmamba::cpu_causal_conv1d_fwd', mutates_args=(), device_types='cpu')
-def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
-    """Causal depthwise conv (+ SiLU) of a time-major tensor x (L, batch, dim); weight (dim, taps)."""
-    x, weight, bias = _conv_inputs(x, weight, bias)
-    out = x.new_empty(x.shape)
-    args = _conv_args(x, weight, bias, silu)
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                      order: Optional[Tensor] = None) -> Tensor:
+    """Causal depthwise conv (+ SiLU) of a time-major tensor x (L, batch, dim); weight (dim, taps). With
+    ``order`` (L, paths), x is read in those token orders: the output is (L, paths * batch, dim)."""
+    x, weight, bias, x_rows = _conv_inputs(x, weight, bias, order)
+    out = _conv_output(x, order)
+    args = _conv_args(x, weight, bias, silu, order, x_rows)
     args.out = _ptr(out)
     _call('rsm_conv_forward', x, args)
     return out
 
 
 @causal_conv1d_fwd.register_fake
-def _(x, weight, bias, silu):
-    return x.new_empty(x.shape)
+def _(x, weight, bias, silu, order=None):
+    return _conv_output(x, order)
 
 
 @torch.library.custom_op('rsmamba::cpu_causal_conv1d_bwd', mutates_args=(), device_types='cpu')
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
-                      silu: bool) -> List[Tensor]:
-    """dx, dweight and dbias (empty without a bias) of `causal_conv1d_fwd`, the pre-activation re-computed."""
-    x, weight, bias = _conv_inputs(x, weight, bias)
+                      silu: bool, order: Optional[Tensor] = None) -> List[Tensor]:
+    """dx, dweight and dbias (empty without a bias) of `causal_conv1d_fwd`, the pre-activation re-computed.
+    With ``order``, dx is per token order, shaped like the output: summing it back is autograd's step."""
+    x, weight, bias, x_rows = _conv_inputs(x, weight, bias, order)
     dout = _unit_last_stride(dout)
-    grads = _conv_grads(x, weight, bias)
-    args = _conv_args(x, weight, bias, silu)
+    grads = _conv_grads(x, weight, bias, order)
+    args = _conv_args(x, weight, bias, silu, order, x_rows)
     args.dout, args.dout_t, args.dout_b = _ptr(dout), dout.stride(0), dout.stride(1)
     args.dx, args.dweight, args.dbias = _ptr(grads[0]), _ptr(grads[1]), _ptr(grads[2]) if bias is not None else None
     _call('rsm_conv_backward', x, args)
     return grads
 
 
-def _conv_grads(x, weight, bias) -> List[Tensor]:
-    return [x.new_empty(x.shape), x.new_empty(weight.shape), x.new_empty(weight.shape[:1] if bias is not None else 0)]
+def _conv_grads(x, weight, bias, order) -> List[Tensor]:
+    return [_conv_output(x, order), x.new_empty(weight.shape),
+            x.new_empty(weight.shape[:1] if bias is not None else 0)]
 
 
 @causal_conv1d_bwd.register_fake
-def _(x, weight, bias, dout, silu):
-    return _conv_grads(x, weight, bias)
+def _(x, weight, bias, dout, silu, order=None):
+    return _conv_grads(x, weight, bias, order)
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, silu, order = inputs
+    ctx.save_for_backward(x, weight, bias, order)
     ctx.silu = silu
 
 
 def _conv_backward(ctx, dout):
-    x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu)
-    return dx, dweight, dbias if bias is not None else None, None
+    x, weight, bias, order = ctx.saved_tensors
+    dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu, order)
+    if order is not None:
+        dx = scatter_token_orders(dx, order)
+    return dx, dweight, dbias if bias is not None else None, None, None
 
 
 causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)

@@ -30,6 +30,9 @@ Backends:
 * ``reference``: a plain sequential loop, the independent yardstick for tests and benchmarks.
 * ``loop``: the same recurrence as one step body run by torch's ``scan`` operator; what ``auto`` picks under
   torch.export, so exported graphs (and ONNX files) hold plain ops and an ONNX ``Scan``.
+
+The multi-path block's token orders (``z_order``, ops/token_orders.py): ``cpu_kernel`` and ``triton`` read the
+gate's z through the index; the other backends get a gathered copy.
 """
 import contextlib
 import math
@@ -43,6 +46,7 @@ from . import triton_support
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, cpu_kernels_available, selective_scan_fwd
 from .fused_cuda import fused_selective_scan, mamba_ssm_fn
+from .token_orders import gather_channel_major
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -519,20 +523,23 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        chunk_len: Optional[int] = None):
+        chunk_len: Optional[int] = None, z_order: Optional[torch.Tensor] = None):
     """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::cpu_selective_scan_fwd``.
 
     One pass over the sequence with the states in vector registers and inlined exp/log; the backward
     re-computes each chunk of ``chunk_len`` positions (default CPU_CHUNK_LEN) from the state the forward saved
     at its start. CPU tensors; fp32 (fp16/bf16 are computed in fp32) and fp64. Where the kernels cannot be
     built this runs `selective_scan_compiled`, or `selective_scan_chunked` if there is no C++ compiler (which
-    torch.compile would need too).
+    torch.compile would need too). ``z_order``: read z through an (L, paths) token-order index (z is then the
+    (batch / paths, dim, L) source), with no gathered copy.
     """
     if u.device.type != 'cpu':
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
                            f"use 'auto', 'compiled' or 'mamba_ssm' on this device")
     if not cpu_kernels_available():
         fallback = selective_scan_compiled if CPU_KERNELS.compiler_found else selective_scan_chunked
+        if z is not None and z_order is not None:
+            z = gather_channel_major(z, z_order)
         return fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
     ct = _compute_dtype(u.dtype)
 
@@ -547,7 +554,8 @@ def selective_scan_cpu_kernel(
             t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
         out, _, last = selective_scan_fwd(
             time_major(u), time_major(delta), A.to(ct), time_major(B), time_major(C), vector(D), time_major(z),
-            vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad)
+            vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad,
+            z_order if z is not None else None)
         out = out.to(u.dtype).permute(1, 2, 0)
     return (out, last.permute(1, 2, 0).contiguous()) if return_last_state else out
 
@@ -564,12 +572,13 @@ def selective_scan_mamba_ssm(
 
 
 def selective_scan_triton(
-        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+        z_order: Optional[torch.Tensor] = None):
     """The Triton kernels (ops/triton_scan.py): CUDA tensors, or CPU ones under TRITON_INTERPRET=1 (tests)."""
     triton_support.require('scan', u.device, _RUNNABLE.get(u.device.type, "'auto', 'chunked', 'reference'"))
     from . import triton_scan  # on first use: see triton_support
     return triton_scan.selective_scan_triton(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, z_order=z_order)
 
 
 SCAN_BACKENDS: Dict[str, Callable] = {
@@ -581,6 +590,8 @@ SCAN_BACKENDS: Dict[str, Callable] = {
     'loop': selective_scan_loop,
     'mamba_ssm': selective_scan_mamba_ssm,
 }
+# The backends that take ``z_order`` and read z through it; the others get a gathered copy of z.
+ORDER_READING_SCANS = {'triton', 'cpu_kernel'}
 # What the error of a backend that cannot run on a device suggests instead.
 _RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'compiled', 'chunked', 'reference'",
              'cuda': "'auto', 'mamba_ssm' (the [cuda] extra), 'compiled', 'chunked', 'reference'"}
@@ -611,8 +622,18 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
 
 def selective_scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        backend: Optional[str] = None):
-    """Selective scan with the ``mamba_ssm.selective_scan_fn`` signature, on the chosen backend."""
-    fn = SCAN_BACKENDS[resolve_scan_backend(backend, u.device)]
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state)
+        backend: Optional[str] = None, z_order: Optional[torch.Tensor] = None):
+    """Selective scan with the ``mamba_ssm.selective_scan_fn`` signature, on the chosen backend.
+
+    ``z_order`` (L, paths): z is the (batch / paths, dim, L) source of the gate, and sequence p * (batch /
+    paths) + b reads z[b] in the token order z_order[:, p] (the multi-path block's orders; see token_orders).
+    """
+    name = resolve_scan_backend(backend, u.device)
+    order_kwargs = {}
+    if z is not None and z_order is not None:
+        if name in ORDER_READING_SCANS:
+            order_kwargs = dict(z_order=z_order)
+        else:
+            z = gather_channel_major(z, z_order)
+    return SCAN_BACKENDS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                               return_last_state=return_last_state, **order_kwargs)

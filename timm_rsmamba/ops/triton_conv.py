@@ -7,7 +7,7 @@ the mixer passes it, and the output is time-major and contiguous, in the input's
 
 Token orders: with ``order`` (an (L, paths) index, every column a permutation), sequence ``p * B + b`` at
 position ``l`` reads row ``order[l, p]`` of source sequence ``b``, so the multi-path block's token orders need
-no gathered copy; the input gradient is summed back over the paths (`triton_support.scatter_token_orders`).
+no gathered copy; the input gradient is summed back over the paths (`token_orders.scatter_token_orders`).
 """
 from typing import Optional, Tuple
 
@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .triton_support import block_size, launches, scatter_token_orders
+from .token_orders import scatter_token_orders
+from .triton_support import block_size, launches
 
 # Tiles of the conv kernels: positions x channels (channels are contiguous in the time-major layout). The
 # backward re-computes K pre-activations per output from K^2 shifted loads: 16 positions keep it in registers

@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 from . import triton_scan
+from .token_orders import scatter_token_orders
+from .triton_conv import causal_conv1d_bwd, causal_conv1d_fwd
 from .triton_scan import selective_scan_bwd, selective_scan_fwd
-from .triton_support import scatter_token_orders
 
 
 def _channel_major(t):

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .triton_support import block_size, launches, scatter_token_orders
+from .token_orders import scatter_token_orders
+from .triton_support import block_size, launches
 
 # Positions per chunk (at most; shorter sequences use the power of two covering them): the backward's tile
 # length and the spacing of the saved states. The backward holds a dozen (BLOCK_D, CHUNK) fp32 tiles; saved

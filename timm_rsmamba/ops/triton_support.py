@@ -18,11 +18,6 @@ CUDA_AUTO_BACKENDS: Dict[str, Sequence[str]] = {
     'scan': ('triton', 'mamba_ssm', 'compiled'),
     'conv': ('triton', 'causal_conv1d', 'torch'),
 }
-# How the multi-path block feeds the Triton mixer its token orders: 'kernel' (the conv and the scan read x and z
-# through the (L, paths) order index; no gathered copy exists, autograd saves xz) or 'gather' (one index_select
-# builds the (L, paths * B, 2E) copy first, as the other backends do). Both are exact; which is faster is measured.
-TOKEN_ORDER_ENV_VAR = 'RSMAMBA_TOKEN_ORDER'
-TOKEN_ORDER_MODES = ('kernel', 'gather')
 
 
 # On the Triton mixer, the gate's product y * weights keeps the mix's inputs, not y, for its backward, which
@@ -36,13 +31,6 @@ def gate_recompute() -> bool:
     if value not in ('0', '1'):
         raise ValueError(f"${GATE_RECOMPUTE_ENV_VAR}={value!r}: choose '1' (re-compute y) or '0' (keep y)")
     return value == '1'
-
-
-def token_order_mode() -> str:
-    mode = os.environ.get(TOKEN_ORDER_ENV_VAR) or 'kernel'
-    if mode not in TOKEN_ORDER_MODES:
-        raise ValueError(f'${TOKEN_ORDER_ENV_VAR}={mode!r}: choose one of {", ".join(TOKEN_ORDER_MODES)}')
-    return mode
 
 
 def interpreter_requested() -> bool:
@@ -165,16 +153,3 @@ def launches(t: torch.Tensor, interpreted: bool) -> bool:
 def block_size(n: int, cap: int) -> int:
     """A power of two covering ``n`` but at most ``cap`` (tile sides must be powers of two)."""
     return min(cap, 1 << max(n - 1, 0).bit_length())
-
-
-def scatter_token_orders(grad_tm: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """The gradient of reading a source (L, B, C) through ``order``: row l of sequence p * B + b read source row
-    order[l, p] of b. grad_tm: (L, paths * B, C) -> (L, B, C), summed over paths.
-
-    Every column of ``order`` is a permutation, so one gather through the inverse permutations (no atomics, the
-    same sum in the same order on every run) replaces a scatter-add.
-    """
-    length, paths = order.shape
-    rows = torch.argsort(order, dim=0) * paths + torch.arange(paths, device=order.device)
-    by_path = grad_tm.view(length * paths, -1, grad_tm.shape[-1])  # row l * paths + p
-    return by_path.index_select(0, rows.flatten()).view(length, paths, -1, grad_tm.shape[-1]).sum(1)

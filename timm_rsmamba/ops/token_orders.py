@@ -1,0 +1,43 @@
+"""The multi-path block's token orders: an (L, paths) index, every column a permutation of the L positions.
+
+Sequence ``p * B + b`` of a mix over ``paths`` orders reads, at position ``l``, row ``order[l, p]`` of source
+sequence ``b``. The C++ and Triton kernels read their inputs through the index (``kernel``, the default: no
+gathered copy exists, and autograd saves the un-reordered source); every other backend gets a gathered copy
+(``gather``). ``$RSMAMBA_TOKEN_ORDER`` picks one; both are exact.
+"""
+import os
+
+import torch
+
+TOKEN_ORDER_ENV_VAR = 'RSMAMBA_TOKEN_ORDER'
+TOKEN_ORDER_MODES = ('kernel', 'gather')
+
+
+def token_order_mode() -> str:
+    mode = os.environ.get(TOKEN_ORDER_ENV_VAR) or 'kernel'
+    if mode not in TOKEN_ORDER_MODES:
+        raise ValueError(f'${TOKEN_ORDER_ENV_VAR}={mode!r}: choose one of {", ".join(TOKEN_ORDER_MODES)}')
+    return mode
+
+
+def gather_token_orders(source: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(L, B, C) and (L, paths) -> (L, paths * B, C): every order at once, one index_select (backward: index_add)."""
+    return source.index_select(0, order.flatten()).view(order.shape[0], -1, source.shape[-1])
+
+
+def gather_channel_major(source: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`gather_token_orders` of a (B, C, L) view of a time-major tensor: (paths * B, C, L), again such a view."""
+    return gather_token_orders(source.permute(2, 0, 1), order).permute(1, 2, 0)
+
+
+def scatter_token_orders(grad_tm: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The gradient of reading a source (L, B, C) through ``order``: row l of sequence p * B + b read source row
+    order[l, p] of b. grad_tm: (L, paths * B, C) -> (L, B, C), summed over paths.
+
+    Every column of ``order`` is a permutation, so one gather through the inverse permutations (no atomics, the
+    same sum in the same order on every run) replaces a scatter-add.
+    """
+    length, paths = order.shape
+    rows = torch.argsort(order, dim=0) * paths + torch.arange(paths, device=order.device)
+    by_path = grad_tm.view(length * paths, -1, grad_tm.shape[-1])  # row l * paths + p
+    return by_path.index_select(0, rows.flatten()).view(length, paths, -1, grad_tm.shape[-1]).sum(1)
