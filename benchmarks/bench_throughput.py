@@ -18,6 +18,8 @@ Rows, per RSMamba model in --models:
              (model_stats.original_block_forward); steps as the reference, trained without
              checkpointing as the original is: it stops at --rss-limit-gb
   floor      the scan replaced by an identity that does no recurrence (model_stats.identity_scan)
+  ours_gather, floor_gather: the same with the token orders gathered into a copy first
+             ($RSMAMBA_TOKEN_ORDER=gather), instead of read through the index by the C++ conv and scan
   triton     the Triton scan and conv (what auto picks on CUDA); triton_gather: the token orders gathered
              first ($RSMAMBA_TOKEN_ORDER=gather); triton_keep_y: autograd keeps the gate's input
              ($RSMAMBA_GATE_RECOMPUTE=0); fused: mamba-ssm + causal-conv1d forced (the [cuda] extra)
@@ -65,7 +67,9 @@ BACKEND_ROWS = {
 }
 TRITON_ROWS = {'triton': {}, 'triton_gather': {'RSMAMBA_TOKEN_ORDER': 'gather'},
                'triton_keep_y': {'RSMAMBA_GATE_RECOMPUTE': '0'}}  # row -> environment of its children
-RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', *TRITON_ROWS, 'fused')
+GATHER_ROWS = {'ours_gather': 'ours', 'floor_gather': 'floor'}  # row -> the row it runs with gathered orders
+RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', *GATHER_ROWS,
+                *TRITON_ROWS, 'fused')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
     'cpu': ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', 'deit_tiny', 'resnet50'),
@@ -87,6 +91,10 @@ def row_spec(row: str, model: str, args) -> dict:
         return spec
     if row in BACKEND_ROWS:
         spec['kwargs'] = dict(BACKEND_ROWS[row])
+    elif row in GATHER_ROWS:
+        spec['kwargs'] = dict(BACKEND_ROWS[GATHER_ROWS[row]])
+        spec['eval_env'] = spec['train_env'] = {'RSMAMBA_TOKEN_ORDER': 'gather'}
+        spec['note'] = 'RSMAMBA_TOKEN_ORDER=gather'
     elif row == 'ours_ckpt':
         spec['ckpt'] = True
         if resolve_malloc(args.malloc, memory_first=True) == 'lean':  # as train.py restarts itself
