@@ -224,14 +224,20 @@ def run_single(spec, mode, args) -> dict:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its x86 family and model: virtual machines often report only
+    'AMD EPYC' or 'Intel Xeon Processor', which names no generation (Zen 3 and Zen 4 alike)."""
     try:
         with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        if names:
-            return names[0]
+            fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get('model name')
+    if not name:
+        return platform.processor() or platform.machine()
+    if 'cpu family' in fields and 'model' in fields:
+        name += f' (family {fields["cpu family"]} model {fields["model"]})'
+    return name
 
 
 def device_name(args) -> str:

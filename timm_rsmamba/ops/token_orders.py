@@ -34,10 +34,13 @@ def scatter_token_orders(grad_tm: torch.Tensor, order: torch.Tensor) -> torch.Te
     """The gradient of reading a source (L, B, C) through ``order``: row l of sequence p * B + b read source row
     order[l, p] of b. grad_tm: (L, paths * B, C) -> (L, B, C), summed over paths.
 
-    Every column of ``order`` is a permutation, so one gather through the inverse permutations (no atomics, the
-    same sum in the same order on every run) replaces a scatter-add.
+    Every column of ``order`` is a permutation, so gathers through the inverse permutations, one per path added
+    in path order, replace a scatter-add: no atomics, the same sum on every run. (One gather of all paths and a sum
+    over them gives the same bits, 1.4-1.6x slower: one block's dz at batch 8 on a 2-core EPYC.)
     """
-    length, paths = order.shape
-    rows = torch.argsort(order, dim=0) * paths + torch.arange(paths, device=order.device)
-    by_path = grad_tm.view(length * paths, -1, grad_tm.shape[-1])  # row l * paths + p
-    return by_path.index_select(0, rows.flatten()).view(length, paths, -1, grad_tm.shape[-1]).sum(1)
+    inverse = torch.argsort(order, dim=0)
+    by_path = grad_tm.view(order.shape[0], order.shape[1], -1, grad_tm.shape[-1])  # (L, paths, B, C)
+    total = by_path[:, 0].index_select(0, inverse[:, 0])
+    for path in range(1, order.shape[1]):
+        total.add_(by_path[:, path].index_select(0, inverse[:, path]))
+    return total
