@@ -70,8 +70,9 @@ def _fake_compiler(tmp_path, version='fakecc 1.0', fail=False):
     return str(path), log
 
 
-def _compiles(log):
-    return log.read_text().count('\n') if log.exists() else 0
+def _builds(log):
+    """Builds the log records: each compiles the float32 part once (and the float64 part, and links)."""
+    return log.read_text().count('-DRSM_PART=1') if log.exists() else 0
 
 
 def test_build_is_cached_and_keyed_by_isa_and_compiler(tmp_path):
@@ -79,12 +80,18 @@ def test_build_is_cached_and_keyed_by_isa_and_compiler(tmp_path):
     cache = tmp_path / 'cache'
     first = cpu_kernel.build_library('avx2', compiler, cache)
     assert first.name.startswith('mamba_cpu-avx2-') and first.read_text() == 'built'
-    assert cpu_kernel.build_library('avx2', compiler, cache) == first and _compiles(log) == 1  # from the cache
+    assert cpu_kernel.build_library('avx2', compiler, cache) == first and _builds(log) == 1  # from the cache
     assert '-mavx2' in log.read_text() and '-DRSM_VEC_BYTES=32' in log.read_text()
+    part1, part2, link = log.read_text().splitlines()  # the two parts compiled (at once), then linked
+    assert all('-c' in line.split() and '-shared' not in line.split() for line in (part1, part2))
+    assert {arg for line in (part1, part2) for arg in line.split() if arg.startswith('-DRSM_PART=')} == {
+        '-DRSM_PART=1', '-DRSM_PART=2'}
+    assert link.split()[:2] == ['-shared', '-pthread'] and [Path(arg).name for arg in link.split()[-2:]] == [
+        'part1.o', 'part2.o']
     other_isa = cpu_kernel.build_library('generic', compiler, cache)
     newer, _ = _fake_compiler(tmp_path, version='fakecc 2.0')
     other_compiler = cpu_kernel.build_library('avx2', newer, cache)
-    assert len({first, other_isa, other_compiler}) == 3 and _compiles(log) == 3
+    assert len({first, other_isa, other_compiler}) == 3 and _builds(log) == 3
     assert sorted(p.suffix for p in cache.iterdir()) == ['.lock'] * 3 + ['.so'] * 3  # no temporary files left
 
 
@@ -101,7 +108,7 @@ def test_concurrent_builds_compile_once(tmp_path):
                               env=env) for _ in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    assert len({out.strip() for out, _ in outs}) == 1 and _compiles(log) == 1
+    assert len({out.strip() for out, _ in outs}) == 1 and _builds(log) == 1
 
 
 def test_failed_build_says_why_and_leaves_nothing(tmp_path):

@@ -152,21 +152,38 @@ def build_library(isa: str, compiler: str, cache_dir: Path) -> Path:
     with _FileLock(path.with_suffix('.lock')):
         if path.exists():  # another process built it while this one waited
             return path
-        fd, tmp = tempfile.mkstemp(suffix='.so', prefix=path.stem + '.', dir=cache_dir)
-        os.close(fd)
+        work = Path(tempfile.mkdtemp(prefix=path.stem + '.', dir=cache_dir))
         try:
             sys.stderr.write(f'timm_rsmamba: building the C++ CPU kernels for {isa} (once per machine) ... ')
             sys.stderr.flush()
             start = time.time()
-            done = subprocess.run([compiler, *flags, '-o', tmp, str(_SOURCE)], capture_output=True, text=True)
-            sys.stderr.write(f'{"done" if done.returncode == 0 else "failed"} in {time.time() - start:.1f} s\n')
-            if done.returncode != 0:
-                raise RuntimeError(f'{Path(compiler).name} failed: ' + (done.stderr.strip().splitlines() or ['?'])[0])
-            os.replace(tmp, path)
+            error = _compile_and_link(compiler, flags, work, work / path.name)
+            sys.stderr.write(f'{"failed" if error else "done"} in {time.time() - start:.1f} s\n')
+            if error:
+                raise RuntimeError(f'{Path(compiler).name} failed: {error}')
+            os.replace(work / path.name, path)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def _compile_and_link(compiler: str, flags: List[str], work: Path, library: Path) -> Optional[str]:
+    """Compiles the source's two parts (float32, float64: RSM_PART) at once, then links them into ``library``;
+    returns the first line of the compiler's first error, or None."""
+    compile_flags = [f for f in flags if f != '-shared']
+    objects = [str(work / f'part{part}.o') for part in (1, 2)]
+    compiles = [subprocess.Popen([compiler, *compile_flags, f'-DRSM_PART={part}', '-c', '-o', obj, str(_SOURCE)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for part, obj in zip((1, 2), objects)]
+    for done in compiles:
+        stderr = done.communicate()[1]
+        if done.returncode != 0:
+            for other in compiles:
+                other.kill()
+                other.communicate()
+            return (stderr.strip().splitlines() or ['?'])[0]
+    done = subprocess.run([compiler, '-shared', '-pthread', '-o', str(library), *objects], capture_output=True, text=True)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ['?'])[0]
 
 
 class _ScanArgs(ctypes.Structure):

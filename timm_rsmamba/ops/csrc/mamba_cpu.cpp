@@ -48,6 +48,12 @@
 #endif
 #define RSM_STR2(x) #x
 #define RSM_STR(x) RSM_STR2(x)
+// RSM_PART 1: the float32 entry points and the shared ones; 2: the float64 ones; unset: all. The loader
+// compiles the two parts at once and links them, which nearly halves the build's wall time on two cores
+// (each part instantiates only its own type's templates).
+#ifndef RSM_PART
+#define RSM_PART 0
+#endif
 
 extern "C" {
 
@@ -71,6 +77,16 @@ struct rsm_conv_args {
 };
 
 }  // extern "C"
+
+// libgomp's entry point for a parallel region (GCC's OpenMP ABI, also exported by LLVM's and Intel's
+// runtimes). The loader hands over the one torch runs its own threads with, if the process has one: its
+// workers spin for a while after each of torch's ops, and threads of our own would share the cores with
+// them (a scan right after a matmul took 30% longer). One variable for both parts, defined in the first.
+typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+extern std::atomic<GompParallel> rsm_gomp_parallel;
+#if RSM_PART != 2
+std::atomic<GompParallel> rsm_gomp_parallel{nullptr};
+#endif
 
 namespace {
 
@@ -244,13 +260,6 @@ inline V vsilu_grad(V z) {
 
 // ---- threads ---------------------------------------------------------------------------------------------
 
-// libgomp's entry point for a parallel region (GCC's OpenMP ABI, also exported by LLVM's and Intel's
-// runtimes). The loader hands over the one torch runs its own threads with, if the process has one: its
-// workers spin for a while after each of torch's ops, and threads of our own would share the cores with
-// them (a scan right after a matmul took 30% longer).
-typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
-std::atomic<GompParallel> gomp_parallel{nullptr};
-
 template <typename F>
 struct ParallelLoop {
   const F& fn;
@@ -274,7 +283,7 @@ void parallel_for(int64_t items, int64_t threads, const F& fn) {
   ParallelLoop<F> loop{fn, items};
   if (n == 1) {
     loop.work(0);
-  } else if (GompParallel region = gomp_parallel.load()) {
+  } else if (GompParallel region = rsm_gomp_parallel.load()) {
     region(&ParallelLoop<F>::region, &loop, static_cast<unsigned>(n), 0);
   } else {
     std::vector<std::thread> pool;
@@ -903,8 +912,9 @@ int conv_backward_entry(const rsm_conv_args* a) {
 
 extern "C" {
 
+#if RSM_PART != 2
 // Run parallel loops on this OpenMP runtime's threads (GOMP_parallel's address; null: std::threads).
-void rsm_use_openmp(void* gomp_parallel_fn) { gomp_parallel = reinterpret_cast<GompParallel>(gomp_parallel_fn); }
+void rsm_use_openmp(void* gomp_parallel_fn) { rsm_gomp_parallel = reinterpret_cast<GompParallel>(gomp_parallel_fn); }
 
 // What this build is: vector width and register blocking, for the loader's checks and the benchmarks.
 const char* rsm_build_info() {
@@ -913,12 +923,15 @@ const char* rsm_build_info() {
 }
 
 int rsm_scan_forward_f32(const rsm_scan_args* a) { return scan_forward_entry<float>(a); }
-int rsm_scan_forward_f64(const rsm_scan_args* a) { return scan_forward_entry<double>(a); }
 int rsm_scan_backward_f32(const rsm_scan_args* a) { return scan_backward_entry<float>(a); }
-int rsm_scan_backward_f64(const rsm_scan_args* a) { return scan_backward_entry<double>(a); }
 int rsm_conv_forward_f32(const rsm_conv_args* a) { return conv_forward_entry<float>(a); }
-int rsm_conv_forward_f64(const rsm_conv_args* a) { return conv_forward_entry<double>(a); }
 int rsm_conv_backward_f32(const rsm_conv_args* a) { return conv_backward_entry<float>(a); }
+#endif
+#if RSM_PART != 1
+int rsm_scan_forward_f64(const rsm_scan_args* a) { return scan_forward_entry<double>(a); }
+int rsm_scan_backward_f64(const rsm_scan_args* a) { return scan_backward_entry<double>(a); }
+int rsm_conv_forward_f64(const rsm_conv_args* a) { return conv_forward_entry<double>(a); }
 int rsm_conv_backward_f64(const rsm_conv_args* a) { return conv_backward_entry<double>(a); }
+#endif
 
 }  // extern "C"
