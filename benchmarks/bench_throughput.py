@@ -228,10 +228,10 @@ def cpu_name() -> str:
     'AMD EPYC' or 'Intel Xeon Processor', which names no generation (Zen 3 and Zen 4 alike)."""
     try:
         with open('/proc/cpuinfo') as f:
-            fields = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+            first_cpu = f.read().split('\n\n')[0].splitlines()
     except OSError:
-        fields = {}
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+        first_cpu = []
+    fields = {key.strip(): value.strip() for key, value in (line.split(':', 1) for line in first_cpu if ':' in line)}
     name = fields.get('model name')
     if not name:
         return platform.processor() or platform.machine()

@@ -181,9 +181,14 @@ def _compile_and_link(compiler: str, flags: List[str], work: Path, library: Path
             for other in compiles:
                 other.kill()
                 other.communicate()
-            return (stderr.strip().splitlines() or ['?'])[0]
-    done = subprocess.run([compiler, '-shared', '-pthread', '-o', str(library), *objects], capture_output=True, text=True)
-    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ['?'])[0]
+            return _first_line(stderr)
+    done = subprocess.run([compiler, '-shared', '-pthread', '-o', str(library), *objects],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else _first_line(done.stderr)
+
+
+def _first_line(stderr: str) -> str:
+    return (stderr.strip().splitlines() or ['?'])[0]
 
 
 class _ScanArgs(ctypes.Structure):
