@@ -275,10 +275,16 @@ void check_conv_precision(int64_t L, int64_t nb, int64_t nd, int64_t K, bool sil
 int main() {
   std::printf("build: %s\n", rsm_build_info());
   // 20 and 37 channels: full and partial vector blocks; 19 states: a full register group and a tail
-  check_scan("16 states", ScanCase{45, 3, 20, 16, 16, true, true, true}, 2e-5, 1e-11);
-  check_scan("19 states, chunk 5", ScanCase{37, 2, 37, 19, 5, true, true, false}, 2e-5, 1e-11);
-  check_scan("no softplus, no z", ScanCase{30, 2, 20, 4, 7, false, false, true}, 2e-5, 1e-11);
-  check_scan("one sequence", ScanCase{50, 1, 70, 16, 16, true, true, true}, 2e-5, 1e-11);
+  // twice: with the outputs' stores through the caches, as on these small shapes, and around them (x86), as on
+  // large ones (20- and 37-channel rows: blocks both aligned for those stores and not)
+  for (const int64_t around : {around_cache_bytes, int64_t(0)}) {
+    around_cache_bytes = around;
+    std::printf("outputs around the caches from %ld bytes\n", static_cast<long>(around));
+    check_scan("16 states", ScanCase{45, 3, 20, 16, 16, true, true, true}, 2e-5, 1e-11);
+    check_scan("19 states, chunk 5", ScanCase{37, 2, 37, 19, 5, true, true, false}, 2e-5, 1e-11);
+    check_scan("no softplus, no z", ScanCase{30, 2, 20, 4, 7, false, false, true}, 2e-5, 1e-11);
+    check_scan("one sequence", ScanCase{50, 1, 70, 16, 16, true, true, true}, 2e-5, 1e-11);
+  }
   for (bool silu : {true, false}) {
     check_conv_precision<float>(37, 3, 20, 4, silu, 2e-5);
     check_conv_precision<double>(37, 3, 20, 4, silu, 1e-12);

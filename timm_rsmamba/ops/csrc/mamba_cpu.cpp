@@ -33,7 +33,7 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -140,6 +140,37 @@ inline Vec<T> load(const T* p, int lanes) {
 template <bool kFull, typename T>
 inline void store(T* p, Vec<T> v, int lanes) {
   std::memcpy(p, &v, (kFull ? kLanes<T> : lanes) * sizeof(T));
+}
+
+// Outputs of at least this many bytes are written around the caches (x86's non-temporal stores): they would
+// not stay in the caches for their reader anyway, and a normal store first reads each line in from memory
+// (the backward's du, d(delta) and dz took a fifth of its time). Smaller ones stay in the caches for the
+// next op. (tests/csrc sets it to 0, to check those stores on small shapes.)
+int64_t around_cache_bytes = int64_t(8) << 20;
+
+// A store of an output block, around the caches if `around` (and the block full and aligned; and not on
+// aarch64, which has no such vector store). Those are weakly ordered: a thread ends with `stream_fence`.
+template <bool kFull, typename T>
+inline void store_output(bool around, T* p, Vec<T> v, int lanes) {
+#if defined(__x86_64__)
+  if (kFull && around && reinterpret_cast<uintptr_t>(p) % RSM_VEC_BYTES == 0) {
+#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<void*>(p), (__m512i)v);
+#elif RSM_VEC_BYTES == 32 && defined(__AVX__)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)v);
+#else
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)v);
+#endif
+    return;
+  }
+#endif
+  store<kFull>(p, v, lanes);
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 template <bool kFull, typename T>
@@ -319,7 +350,7 @@ struct Scan {
   std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
   int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, dout_t, dout_b;
   int64_t length, batch, dim, n, chunk_len, threads, blocks, plane;
-  bool softplus, decays_at_most_one;
+  bool softplus, decays_at_most_one, around_cache;
 
   explicit Scan(const rsm_scan_args& a)
       : u(static_cast<const T*>(a.u)), delta(static_cast<const T*>(a.delta)), z(static_cast<const T*>(a.z)),
@@ -329,7 +360,8 @@ struct Scan {
         u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
         B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
         batch(a.batch), dim(a.dim), n(a.n_state), chunk_len(a.chunk_len), threads(std::max<int64_t>(1, a.threads)),
-        blocks((a.dim + kLanes<T> - 1) / kLanes<T>), plane(a.batch * a.dim), softplus(a.softplus != 0) {
+        blocks((a.dim + kLanes<T> - 1) / kLanes<T>), plane(a.batch * a.dim), softplus(a.softplus != 0),
+        around_cache(a.length * plane * static_cast<int64_t>(sizeof(T)) >= around_cache_bytes) {
     const T* A_in = static_cast<const T*>(a.A);
     T a_max = -INFINITY;
     for (int64_t s = 0; s < n; ++s) {
@@ -391,10 +423,11 @@ void for_each_group(int n, const F& group) {
 template <typename T>
 struct Rows {
   int64_t blocks;
-  std::vector<Vec<T>> deltas, drives, ys, sigs, dys, ddeltas, gbs;
+  std::vector<Vec<T>> deltas, drives, ys, sigs, dys, dz_dys, ddeltas, gbs;
   Rows(int64_t positions, int64_t blocks_, bool backward)
       : blocks(blocks_), deltas(positions * blocks), drives(deltas.size()), ys(deltas.size()),
-        sigs(backward ? deltas.size() : 0), dys(sigs.size()), ddeltas(sigs.size()), gbs(sigs.size()) {}
+        sigs(backward ? deltas.size() : 0), dys(sigs.size()), dz_dys(sigs.size()), ddeltas(sigs.size()),
+        gbs(sigs.size()) {}
   int64_t at(int i, int64_t k) const { return i * blocks + k; }
 };
 
@@ -407,10 +440,14 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
     const int64_t t = t0 + i;
     for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
       constexpr bool kFull = decltype(full)::value;
-      if (t + tl < p.length && d0 * sizeof(T) % 64 == 0) {  // the next tile's rows, a prefetch per cache line
-        __builtin_prefetch(p.delta + (t + tl) * p.delta_t + b * p.delta_b + d0);
-        __builtin_prefetch(p.u + (t + tl) * p.u_t + b * p.u_b + d0);
-        if (p.z) __builtin_prefetch(p.z_row(t + tl, b) + d0);
+      // the rows of the tile to come, a prefetch per cache line: the next tile's in the forward, the previous
+      // chunk's in the backward (which walks the chunks last to first)
+      const int64_t ahead = kBackward ? t - p.chunk_len : t + tl;
+      if (ahead >= 0 && ahead < p.length && d0 * sizeof(T) % 64 == 0) {
+        __builtin_prefetch(p.delta + ahead * p.delta_t + b * p.delta_b + d0);
+        __builtin_prefetch(p.u + ahead * p.u_t + b * p.u_b + d0);
+        if (p.z) __builtin_prefetch(p.z_row(ahead, b) + d0);
+        if constexpr (kBackward) __builtin_prefetch(p.dout + ahead * p.dout_t + b * p.dout_b + d0);
       }
       V pre = load<kFull>(p.delta + t * p.delta_t + b * p.delta_b + d0, lanes);
       if (p.bias) pre = pre + load<kFull>(p.bias + d0, lanes);
@@ -423,7 +460,11 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
       r.ys[at] = p.D ? load<kFull>(p.D + d0, lanes) * u : V{};
       if constexpr (kBackward) {
         V dy = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
-        if (p.z) dy = dy * vsilu(load<kFull>(p.z_row(t, b) + d0, lanes));
+        if (p.z) {  // dy = dout silu(z), and dz = dout silu'(z) y from the same sigmoid
+          const V zt = load<kFull>(p.z_row(t, b) + d0, lanes), sz = vsigmoid(zt);
+          r.dz_dys[at] = dy * (sz * (1 + zt * (1 - sz)));
+          dy = dy * (zt * sz);
+        }
         r.sigs[at] = sig;
         r.dys[at] = dy;
         r.ddeltas[at] = V{};
@@ -451,53 +492,72 @@ bool decays_in_range(const Scan<T>& p, const Rows<T>& r, int64_t k, int tl, Vec<
   return true;
 }
 
+// What the backward keeps per position and state of its chunk, side by side: the state before the position,
+// its decay, and the sums of dB and dC over the item's blocks. (Four arrays of a chunk's size each put one
+// position's vectors 4 KB apart, and the CPU took loads from one for stores to another: 4K aliasing.)
+template <typename T>
+struct Kept {
+  Vec<T> h, decay, dB, dC;
+};
+
 // One group of states [s0, s0 + count) of block k over positions t0 .. t0 + tl: h = decay h + drive B and
 // y += <h, C>, with the group's states in registers. kCount: the count at compile time (the states unrolled),
-// or 0 for a tail group. Saves the states at chunk starts (forward: `starts` not null), or with kKeep keeps
-// every state and decay for the adjoint pass and sums dC_t += dy_t h_t (re-computation in the backward).
+// or 0 for a tail group. Saves the states at chunk starts (forward: `starts` not null), or with kKeep
+// (re-computation in the backward) runs one chunk from its start in kept[0 .. n) and keeps every state and
+// decay for the adjoint pass, and sums dC_t += dy_t h_t. Without registers to spare (RSM_STATES_IN_MEMORY)
+// the states stay in `state`, or with kKeep in `kept`, row by row.
 template <typename T, int kCount, bool kFull, bool kGuarded, bool kKeep>
 void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl, int s0,
-                    int count, Vec<T>* state, const Vec<T>* a2, Rows<T>& r, T* starts, Vec<T>* hs,
-                    Vec<T>* decays, Vec<T>* dC) {
+                    int count, Vec<T>* state, const Vec<T>* a2, Rows<T>& r, T* starts, Kept<T>* kept) {
   typedef Vec<T> V;
   const int m = kCount ? kCount : count;
   const int64_t n = p.n;
 #if RSM_STATES_IN_MEMORY
-  V* const h = state + s0;
+  V* const h = kKeep ? nullptr : state + s0;
 #else
   V h[kCount ? kCount : kGroup];
-  for (int s = 0; s < m; ++s) h[s] = state[s0 + s];
+  for (int s = 0; s < m; ++s) h[s] = kKeep ? kept[s0 + s].h : state[s0 + s];
 #endif
   for (int i = 0; i < tl; ++i) {
     const int64_t t = t0 + i;
     if (starts && t % p.chunk_len == 0) {
       T* dst = starts + ((t / p.chunk_len) * n + s0) * p.plane + b * p.dim + d0;
-      for (int s = 0; s < m; ++s) store<kFull>(dst + s * p.plane, h[s], lanes);
+      for (int s = 0; s < m; ++s) store_output<kFull>(p.around_cache, dst + s * p.plane, h[s], lanes);
     }
     const T* Bt = p.B + t * p.B_t + b * p.B_b + s0;
     const T* Ct = p.C + t * p.C_t + b * p.C_b + s0;
     const int64_t at = r.at(i, k);
     const V dl = r.deltas[at], drive = r.drives[at];
     V y_even = {}, y_odd = {};  // two sums: half the readout's dependency chain
+    Kept<T>* const row = kKeep ? kept + i * n + s0 : nullptr;
 #pragma GCC unroll 16
     for (int s = 0; s < m; ++s) {
       const V decay = pow2_of_product<kGuarded>(dl, a2[s0 + s]);
-      h[s] = decay * h[s] + drive * Bt[s];
+#if RSM_STATES_IN_MEMORY
+      V& before = kKeep ? row[s].h : h[s];
+      V& after = kKeep ? row[s + n].h : h[s];
+      const V next = decay * before + drive * Bt[s];
+      after = next;
+#else
+      const V next = h[s] = decay * h[s] + drive * Bt[s];
+      if constexpr (kKeep) row[s + n].h = next;
+#endif
       if constexpr (kKeep) {
-        decays[i * n + s0 + s] = decay;
-        hs[(i + 1) * n + s0 + s] = h[s];
-        dC[i * n + s0 + s] = dC[i * n + s0 + s] + r.dys[at] * h[s];
+        row[s].decay = decay;
+        row[s].dC = row[s].dC + r.dys[at] * next;
       }
       if (s % 2) {
-        y_odd = y_odd + h[s] * Ct[s];
+        y_odd = y_odd + next * Ct[s];
       } else {
-        y_even = y_even + h[s] * Ct[s];
+        y_even = y_even + next * Ct[s];
       }
     }
     r.ys[at] = r.ys[at] + (y_even + y_odd);
   }
 #if !RSM_STATES_IN_MEMORY
-  for (int s = 0; s < m; ++s) state[s0 + s] = h[s];
+  if constexpr (!kKeep) {
+    for (int s = 0; s < m; ++s) state[s0 + s] = h[s];
+  }
 #endif
 }
 
@@ -505,17 +565,14 @@ void states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
 // float64's libm needs no guard).
 template <typename T, bool kFull, bool kKeep>
 void block_states_forward(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int tl,
-                          Vec<T>* state, const Vec<T>* a2, Vec<T> a2_min, Rows<T>& r, T* starts, Vec<T>* hs,
-                          Vec<T>* decays, Vec<T>* dC) {
+                          Vec<T>* state, const Vec<T>* a2, Vec<T> a2_min, Rows<T>& r, T* starts, Kept<T>* kept) {
   const bool in_range = std::is_same<T, float>::value && decays_in_range(p, r, k, tl, a2_min);
   for_each_group<kGroup>(static_cast<int>(p.n), [&](auto count, int s0, int m) {
     constexpr int kCount = decltype(count)::value;
     if (kCount && in_range) {
-      states_forward<T, kCount, kFull, false, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
-                                                     decays, dC);
+      states_forward<T, kCount, kFull, false, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, kept);
     } else {
-      states_forward<T, kCount, kFull, true, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, hs,
-                                                    decays, dC);
+      states_forward<T, kCount, kFull, true, kKeep>(p, b, d0, lanes, k, t0, tl, s0, m, state, a2, r, starts, kept);
     }
   });
 }
@@ -560,7 +617,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
       for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
         block_states_forward<T, decltype(full)::value, false>(p, b, d0, lanes, k, t0, tl, w.state.data() + k * n,
                                                               w.a2.data() + k * n, w.a2_min[k], w.rows, starts,
-                                                              nullptr, nullptr, nullptr);
+                                                              nullptr);
       });
       for (int i = 0; i < tl; ++i) {  // epilogue: out = y silu(z)
         const int64_t t = t0 + i;
@@ -568,7 +625,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
           constexpr bool kFull = decltype(full)::value;
           V y = w.rows.ys[w.rows.at(i, k)];
           if (p.z) y = y * vsilu(load<kFull>(p.z_row(t, b) + d0, lanes));
-          store<kFull>(out + (t * p.batch + b) * p.dim + d0, y, lanes);
+          store_output<kFull>(p.around_cache, out + (t * p.batch + b) * p.dim + d0, y, lanes);
         });
       }
     }
@@ -577,6 +634,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
         store<decltype(full)::value>(last + s * p.plane + b * p.dim + d0, w.state[k * n + s], lanes);
       }
     });
+    stream_fence();
   });
 }
 
@@ -585,8 +643,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
 // dA += gd delta_t, d(delta_t) += gd A + g B_t u_t; and the carry to t-1 is decay_t g.
 template <typename T, int kCount, bool kFull>
 void states_adjoint(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t k, int64_t t0, int cl, int s0,
-                    int count, Vec<T>* carry, const Vec<T>* a, const Vec<T>* hs, const Vec<T>* decays, Vec<T>* dB,
-                    Rows<T>& r, T* dA) {
+                    int count, Vec<T>* carry, const Vec<T>* a, Kept<T>* kept, Rows<T>& r, T* dA) {
   typedef Vec<T> V;
   const int m = kCount ? kCount : count;
   const int64_t n = p.n;
@@ -601,19 +658,17 @@ void states_adjoint(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
     const T* Ct = p.C + t * p.C_t + b * p.C_b + s0;
     const int64_t at = r.at(i, k);
     const V dl = r.deltas[at], drive = r.drives[at], dy = r.dys[at];
-    const V* h_prev = hs + i * n + s0;
-    const V* decay = decays + i * n + s0;
-    V* dB_t = dB + i * n + s0;
+    Kept<T>* const row = kept + i * n + s0;
     V ddelta = {}, gb = {};
 #pragma GCC unroll 16
     for (int s = 0; s < m; ++s) {
       const V gs = g[s] + dy * Ct[s];
-      dB_t[s] = dB_t[s] + gs * drive;
-      const V gd = gs * h_prev[s] * decay[s];
+      row[s].dB = row[s].dB + gs * drive;
+      g[s] = gs * row[s].decay;
+      const V gd = g[s] * row[s].h;
       dA_sum[s] = dA_sum[s] + gd * dl;
       ddelta = ddelta + gd * a[s0 + s];
       gb = gb + gs * Bt[s];
-      g[s] = gs * decay[s];
     }
     r.ddeltas[at] = r.ddeltas[at] + ddelta;
     r.gbs[at] = r.gbs[at] + gb;
@@ -624,17 +679,17 @@ void states_adjoint(const Scan<T>& p, int64_t b, int64_t d0, int lanes, int64_t 
   }
 }
 
-// The scratch of one backward work item, for one chunk of up to chunk_len positions: the chunk's states
-// h_0 .. h_cl (h_0 its start) and decays per (position, state) of the block at hand, the dB and dC sums over
-// the item's blocks, the running state of the re-computation, and per block of the item its A, A2 and the
-// state gradient carried to the chunk before.
+// The scratch of one backward work item, for one chunk of up to chunk_len positions: what it keeps per
+// position and state (and the state after the last position: chunk_len + 1 rows), and per block of the item
+// its A, A2 and the state gradient carried to the chunk before.
 template <typename T>
 struct BackwardScratch {
-  std::vector<Vec<T>> hs, decays, dB, dC, state, a, a2, a2_min, carry;
+  std::vector<Kept<T>> kept;
+  std::vector<Vec<T>> a, a2, a2_min, carry;
   Rows<T> rows;
   BackwardScratch(int64_t n, int64_t chunk_len, int64_t blocks)
-      : hs((chunk_len + 1) * n), decays(chunk_len * n), dB(chunk_len * n), dC(chunk_len * n), state(n),
-        a(blocks * n), a2(blocks * n), a2_min(blocks), carry(blocks * n), rows(chunk_len, blocks, true) {}
+      : kept((chunk_len + 1) * n), a(blocks * n), a2(blocks * n), a2_min(blocks), carry(blocks * n),
+        rows(chunk_len, blocks, true) {}
 };
 
 // One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
@@ -650,13 +705,15 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
   for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
     constexpr bool kFull = decltype(full)::value;
     const T* start = starts + (t0 / p.chunk_len) * n * p.plane + b * p.dim + d0;
-    for (int64_t s = 0; s < n; ++s) w.state[s] = w.hs[s] = load<kFull>(start + s * p.plane, lanes);
-    block_states_forward<T, kFull, true>(p, b, d0, lanes, k, t0, cl, w.state.data(), w.a2.data() + k * n,
-                                         w.a2_min[k], r, nullptr, w.hs.data(), w.decays.data(), w.dC.data());
+    if (k + 1 < k1 - k0) {  // the next block's start, n lines a plane apart: missed the caches every time
+      for (int64_t s = 0; s < n; ++s) __builtin_prefetch(start + kLanes<T> + s * p.plane);
+    }
+    for (int64_t s = 0; s < n; ++s) w.kept[s].h = load<kFull>(start + s * p.plane, lanes);
+    block_states_forward<T, kFull, true>(p, b, d0, lanes, k, t0, cl, nullptr, w.a2.data() + k * n, w.a2_min[k], r,
+                                         nullptr, w.kept.data());
     for_each_group<kAdjointGroup>(ni, [&](auto count, int s0, int m) {
       states_adjoint<T, decltype(count)::value, kFull>(p, b, d0, lanes, k, t0, cl, s0, m, w.carry.data() + k * n,
-                                                       w.a.data() + k * n, w.hs.data(), w.decays.data(),
-                                                       w.dB.data(), r, dA);
+                                                       w.a.data() + k * n, w.kept.data(), r, dA);
     });
   });
   for (int i = 0; i < cl; ++i) {  // epilogue
@@ -669,12 +726,10 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
       V dd = r.ddeltas[at] + gb * u;
       if (p.softplus) dd = dd * r.sigs[at];
       const V D = p.D ? load<kFull>(p.D + d0, lanes) : V{};
-      store<kFull>(du + row, gb * r.deltas[at] + dy * D, lanes);
-      store<kFull>(ddelta + row, dd, lanes);
+      store_output<kFull>(p.around_cache, du + row, gb * r.deltas[at] + dy * D, lanes);
+      store_output<kFull>(p.around_cache, ddelta + row, dd, lanes);
       if (p.z) {
-        const V zt = load<kFull>(p.z_row(t, b) + d0, lanes);
-        const V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
-        store<kFull>(dz + row, g * r.ys[at] * vsilu_grad(zt), lanes);
+        store_output<kFull>(p.around_cache, dz + row, r.dz_dys[at] * r.ys[at], lanes);
       }
       add_to<kFull>(dD + d0, dy * u, lanes);
       add_to<kFull>(dbias + d0, dd, lanes);
@@ -712,15 +767,14 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t t0 = c * p.chunk_len;
       const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
-      std::fill(w.dB.begin(), w.dB.begin() + cl * n, V{});
-      std::fill(w.dC.begin(), w.dC.begin() + cl * n, V{});
+      for (int64_t j = 0; j < cl * n; ++j) w.kept[j].dB = w.kept[j].dC = V{};
       backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(item), dD.of(item), dbias.of(item));
       for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
         for (int64_t s = 0; s < n; ++s) {
           T sum_b = 0, sum_c = 0;
           for (int l = 0; l < kLanes<T>; ++l) {
-            sum_b += w.dB[i * n + s][l];
-            sum_c += w.dC[i * n + s][l];
+            sum_b += w.kept[i * n + s].dB[l];
+            sum_c += w.kept[i * n + s].dC[l];
           }
           const int64_t at = ((t0 + i) * p.batch + b) * n + s;
           dB[at] = sum_b;
@@ -728,6 +782,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
         }
       }
     }
+    stream_fence();
   });
   if (items.groups > 1) {
     for (int64_t i = 0; i < rows; ++i) {
