@@ -28,6 +28,10 @@ and once: deit_tiny, resnet50 (and deit_small on CUDA), what a user might pick i
 Every (row, mode) runs in its own child process (this script with --single-row), so the peak RSS
 (getrusage ru_maxrss of the child) and the peak CUDA memory belong to that row alone; a child whose
 RSS passes --rss-limit-gb is stopped and its cell says so.
+With --paired, the rows of a mode run at once instead, one child each held open after its warm-up, and
+take their timed steps in turn (ours, floor, ours, floor, ..., the order rotated every step): a shared
+host's slow minutes then fall on every row alike, and the ratios to the floor are medians of the steps'
+own ratios. The children's memory adds up meanwhile, and --rss-limit-gb and --row-timeout do not apply.
 Eval = inference_mode forward; train step = forward + cross-entropy + backward + AdamW step.
 Each row records the ISA its CPU code ran with: the one the C++ kernels were built for where they ran
 (RSMAMBA_CPU_ISA picks a narrower one), else torch's CPU capability (ATEN_CPU_CAPABILITY).
@@ -45,6 +49,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,8 +166,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_single(spec, mode, args) -> dict:
-    """Time ``mode`` ('eval' or 'train') for one row; return per-image numbers and peak memory."""
+def _prepare(spec, mode, args):
+    """The row's model, built and warmed up: (one step of ``mode``, a function returning the row's numbers
+    for a time per step)."""
     # as train.py: lean for checkpointed training (memory first; set through the child's environment), else pinned
     configure_malloc(args.malloc, memory_first=mode == 'train' and (spec['ckpt'] or spec.get('ckpt_train', False)))
     import torch
@@ -206,17 +212,43 @@ def run_single(spec, mode, args) -> dict:
     for _ in range(spec.get(f'warmup_{mode}', spec['warmup'])):
         step()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(spec['steps']):
+
+    def timed_step():
+        start = time.perf_counter()
         step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / spec['steps']
-    result = dict(img_s=bs / seconds, ms_img=1e3 * seconds / bs, batch_size=bs, backend=backend,
-                  rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-                  threads=torch.get_num_threads(), isa=_row_isa())
-    if device_type == 'cuda':
-        result['cuda_gb'] = torch.cuda.max_memory_allocated() / 1e9
-    return result
+        _sync(device)
+        return time.perf_counter() - start
+
+    def result(seconds):
+        out = dict(img_s=bs / seconds, ms_img=1e3 * seconds / bs, batch_size=bs, backend=backend,
+                   rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+                   threads=torch.get_num_threads(), isa=_row_isa())
+        if device_type == 'cuda':
+            out['cuda_gb'] = torch.cuda.max_memory_allocated() / 1e9
+        return out
+
+    return timed_step, result
+
+
+def run_single(spec, mode, args) -> dict:
+    """Time ``mode`` ('eval' or 'train') for one row; return per-image numbers and peak memory."""
+    timed_step, result = _prepare(spec, mode, args)
+    return result(sum(timed_step() for _ in range(spec['steps'])) / spec['steps'])
+
+
+def serve_paired(spec, mode, args) -> None:
+    """A --paired child: warm up, say READY, then time one step per 'step' line on stdin (answering STEP and
+    the seconds) until 'done', which it answers with its RESULT (at the median step)."""
+    timed_step, result = _prepare(spec, mode, args)
+    print('READY', flush=True)
+    times = []
+    for line in sys.stdin:
+        if line.strip() == 'step':
+            times.append(timed_step())
+            print(f'STEP {times[-1]}', flush=True)
+        elif line.strip() == 'done':
+            print('RESULT ' + json.dumps(dict(result(statistics.median(times)), step_s=times)), flush=True)
+            return
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +361,45 @@ def run_child(spec, mode, args, argv) -> dict:
     return dict(error=tail[-160:])
 
 
+def _reply(proc, prefix: str) -> str:
+    """The rest of the first line of a --paired child's stdout that starts with ``prefix``."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    raise RuntimeError(f'a --paired child ended without {prefix!r}: {proc.stderr.read().strip()[-300:]}')
+
+
+def run_paired(specs, mode, args, argv) -> list:
+    """Every row of ``mode`` at once, one held-open child each; their timed steps in turn (see the doc above)."""
+    procs = []
+    for spec in specs:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, '--paired-row', json.dumps(spec), '--mode', mode]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=dict(os.environ, **spec.get(f'{mode}_env', {}))))
+    results = []
+    try:
+        for proc in procs:
+            _reply(proc, 'READY')
+        for step in range(args.steps):
+            for k in range(len(procs)):
+                proc = procs[(step + k) % len(procs)]
+                proc.stdin.write('step\n')
+                proc.stdin.flush()
+                _reply(proc, 'STEP ')
+            print(f'{mode} step {step + 1}/{args.steps} done', file=sys.stderr, flush=True)
+        for proc in procs:
+            proc.stdin.write('done\n')
+            proc.stdin.flush()
+            results.append(json.loads(_reply(proc, 'RESULT ')))
+    except RuntimeError as e:
+        results += [dict(error=str(e)[-160:])] * (len(procs) - len(results))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return results
+
+
 def fmt(v, spec='.2f'):
     return '-' if v is None else format(v, spec)
 
@@ -366,7 +437,10 @@ def main(argv=None):
     parser.add_argument('--json-out', default=None, help='also write all results as JSON here')
     parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
                         help='append one JSON object per row and mode to <date>-<device>.json here ("" = none)')
+    parser.add_argument('--paired', action='store_true',
+                        help="run a mode's rows at once and time their steps in turn (see above)")
     parser.add_argument('--single-row', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--paired-row', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--mode', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -376,6 +450,9 @@ def main(argv=None):
 
     if args.single_row:
         print('RESULT ' + json.dumps(run_single(json.loads(args.single_row), args.mode, args)), flush=True)
+        return
+    if args.paired_row:
+        serve_paired(json.loads(args.paired_row), args.mode, args)
         return
 
     device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
@@ -392,7 +469,8 @@ def main(argv=None):
     print('\n'.join(header), flush=True)
     print(f'config: {args.img_size} px, batch {args.batch_size}, amp {args.amp}, {args.warmup} warm-up + '
           f'{args.steps} timed steps per row (reference, original: {_slow_row_steps(args)}), '
-          f'one child process per row and mode, --malloc {args.malloc}', flush=True)
+          f'one child process per row and mode{" (--paired: the rows of a mode at once, steps in turn)" if args.paired else ""}, '
+          f'--malloc {args.malloc}', flush=True)
     flops = {}
     for spec in specs:
         key = (spec['model'], spec['original_blocks'])
@@ -403,7 +481,12 @@ def main(argv=None):
     results = []
     total = len(specs) * len(modes)
     t0 = time.time()
-    for i, spec in enumerate(specs):
+    if args.paired:
+        results = [dict(spec=spec) for spec in specs]
+        for mode in modes:
+            for res, out in zip(results, run_paired(specs, mode, args, argv)):
+                res[mode] = out
+    for i, spec in enumerate(specs if not args.paired else []):
         res = dict(spec=spec)
         for j, mode in enumerate(modes):
             n = i * len(modes) + j + 1
@@ -489,8 +572,16 @@ def result_rows(results, args) -> list:
             rows.append(dict(common, model=spec['model'], row=spec['row'], backend=cell['backend'] or '-', mode=mode,
                              batch_size=cell['batch_size'], img_per_s=round(cell['img_s'], 3),
                              ms_per_img=round(cell['ms_img'], 2), peak_gb=round(peak, 3), isa=cell['isa'],
-                             threads=cell['threads'], note=spec['note']))
+                             threads=cell['threads'], note=_row_note(spec, cell)))
     return rows
+
+
+def _row_note(spec, cell) -> str:
+    """The row's note; for a --paired row also its steps, ms/img each, whose ratios the targets take."""
+    steps = cell.get('step_s')
+    paired = f'paired: median of {len(steps)} steps taken in turn with the other rows, ms/img ' + ' '.join(
+        f'{1e3 * t / cell["batch_size"]:.1f}' for t in steps) if steps else ''
+    return '; '.join(x for x in (spec['note'], paired) if x)
 
 
 def append_result_rows(results, args) -> str:
@@ -545,11 +636,19 @@ def print_ratios(results, flops, args, device_type):
                   get('ours', 'eval', 'img_s'), get('compiled', 'eval', 'img_s'))
         ratio('eval img/s ours / chunked (eager)', get('ours', 'eval', 'img_s'), get('chunked', 'eval', 'img_s'))
         ratio('train img/s ours / chunked (eager)', get('ours', 'train', 'img_s'), get('chunked', 'train', 'img_s'))
+        def over_floor(mode):
+            """ours' and the floor's time per image; with --paired, the median of their steps' ratios (and 1)."""
+            ours, floor = by_row.get('ours', {}).get(mode, {}), by_row.get('floor', {}).get(mode, {})
+            if len(ours.get('step_s') or ()) == len(floor.get('step_s') or ()) > 0:
+                return statistics.median(a / ours['batch_size'] / (b / floor['batch_size'])
+                                         for a, b in zip(ours['step_s'], floor['step_s'])), 1.0
+            return ours.get('ms_img'), floor.get('ms_img')
+
         pct = lambda r: f'{100 * (r - 1):+.0f}%'  # noqa: E731
-        ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', get('ours', 'eval', 'ms_img'),
-              get('floor', 'eval', 'ms_img'), ('<= +60%', lambda r: r <= 1.6), pct)
-        ratio('train time over the no-scan floor', get('ours', 'train', 'ms_img'), get('floor', 'train', 'ms_img'),
-              ('<= +40%', lambda r: r <= 1.4), pct)
+        paired = ', the median of the paired steps\' ratios' if args.paired else ''
+        ratio(f'eval time over the no-scan floor (ours ms/img / floor ms/img - 1{paired})', *over_floor('eval'),
+              ('<= +60%', lambda r: r <= 1.6), pct)
+        ratio(f'train time over the no-scan floor{paired}', *over_floor('train'), ('<= +40%', lambda r: r <= 1.4), pct)
         if device_type == 'cuda':
             ratio('train img/s fused (ours) / pure PyTorch (compiled)', get('ours', 'train', 'img_s'),
                   get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))

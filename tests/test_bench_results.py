@@ -37,3 +37,18 @@ def test_rows_appended_to_the_days_file(tmp_path):
     first = rows[0]
     assert first['amp'] == 'fp32' and first['isa'] == 'avx512' and first['img_per_s'] == 5.0
     assert first['peak_gb'] == 1.5 and first['device'] == bench_throughput.cpu_name()
+
+
+def test_paired_ratios_are_medians_of_the_steps_own_ratios(capsys):
+    """With --paired the floor target takes the median of per-step ratios (1.1, 1.5, 1.3: +30%), not the ratio
+    of the median times (240 / 200: +20%), and the rows' notes keep the steps."""
+    ours, floor = _cell(1 / 0.03, 'avx2'), _cell(1 / 0.025, 'avx2')
+    ours['step_s'], floor['step_s'] = [8 * 0.022, 8 * 0.030, 8 * 0.026], [8 * 0.020, 8 * 0.020, 8 * 0.020]
+    results = [dict(spec=dict(model='rsmamba_base', row=row, note=''), train=cell)
+               for row, cell in (('ours', ours), ('floor', floor))]
+    args = SimpleNamespace(models=['rsmamba_base'], paired=True, ref_no_ckpt=False, img_size=224, batch_size=8,
+                           amp='none', device='cpu', results_dir='')
+    bench_throughput.print_ratios(results, {}, args, 'cpu')
+    assert "train time over the no-scan floor, the median of the paired steps' ratios: +30%" in capsys.readouterr().out
+    rows = bench_throughput.result_rows(results, args)
+    assert rows[0]['note'] == 'paired: median of 3 steps taken in turn with the other rows, ms/img 22.0 30.0 26.0'
