@@ -400,6 +400,34 @@ def run_paired(specs, mode, args, argv) -> list:
     return results
 
 
+def run_rows(specs, modes, args, argv) -> list:
+    """Each (row, mode) in its own child, one after the other, with progress and an ETA on stderr."""
+    results = []
+    total = len(specs) * len(modes)
+    t0 = time.time()
+    for i, spec in enumerate(specs):
+        res = dict(spec=spec)
+        for j, mode in enumerate(modes):
+            n = i * len(modes) + j + 1
+            print(f'[{n}/{total}] {spec["model"]} {spec["row"]} {mode} ...', file=sys.stderr, flush=True)
+            start = time.time()
+            res[mode] = run_child(spec, mode, args, argv)
+            eta = (time.time() - t0) / n * (total - n)
+            print(f'[{n}/{total}] done in {time.time() - start:.0f} s ({res[mode]}); ETA {eta:.0f} s',
+                  file=sys.stderr, flush=True)
+        results.append(res)
+    return results
+
+
+def run_rows_paired(specs, modes, args, argv) -> list:
+    """--paired: per mode, all rows at once (run_paired)."""
+    results = [dict(spec=spec) for spec in specs]
+    for mode in modes:
+        for res, out in zip(results, run_paired(specs, mode, args, argv)):
+            res[mode] = out
+    return results
+
+
 def fmt(v, spec='.2f'):
     return '-' if v is None else format(v, spec)
 
@@ -478,25 +506,7 @@ def main(argv=None):
             flops[key] = gflops_per_image(spec['model'], args.img_size, args.num_classes,
                                           spec['original_blocks'])['total']
 
-    results = []
-    total = len(specs) * len(modes)
-    t0 = time.time()
-    if args.paired:
-        results = [dict(spec=spec) for spec in specs]
-        for mode in modes:
-            for res, out in zip(results, run_paired(specs, mode, args, argv)):
-                res[mode] = out
-    for i, spec in enumerate(specs if not args.paired else []):
-        res = dict(spec=spec)
-        for j, mode in enumerate(modes):
-            n = i * len(modes) + j + 1
-            print(f'[{n}/{total}] {spec["model"]} {spec["row"]} {mode} ...', file=sys.stderr, flush=True)
-            start = time.time()
-            res[mode] = run_child(spec, mode, args, argv)
-            eta = (time.time() - t0) / n * (total - n)
-            print(f'[{n}/{total}] done in {time.time() - start:.0f} s ({res[mode]}); ETA {eta:.0f} s',
-                  file=sys.stderr, flush=True)
-        results.append(res)
+    results = (run_rows_paired if args.paired else run_rows)(specs, modes, args, argv)
 
     print(f'load average at end (1/5/15 min): {_loadavg()}')
     print()
