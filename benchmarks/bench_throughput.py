@@ -495,10 +495,10 @@ def main(argv=None):
     from model_stats import gflops_per_image
     header = machine_lines(args)
     print('\n'.join(header), flush=True)
+    paired = ' (--paired: the rows of a mode at once, steps in turn)' if args.paired else ''
     print(f'config: {args.img_size} px, batch {args.batch_size}, amp {args.amp}, {args.warmup} warm-up + '
           f'{args.steps} timed steps per row (reference, original: {_slow_row_steps(args)}), '
-          f'one child process per row and mode{" (--paired: the rows of a mode at once, steps in turn)" if args.paired else ""}, '
-          f'--malloc {args.malloc}', flush=True)
+          f'one child process per row and mode{paired}, --malloc {args.malloc}', flush=True)
     flops = {}
     for spec in specs:
         key = (spec['model'], spec['original_blocks'])
@@ -646,6 +646,7 @@ def print_ratios(results, flops, args, device_type):
                   get('ours', 'eval', 'img_s'), get('compiled', 'eval', 'img_s'))
         ratio('eval img/s ours / chunked (eager)', get('ours', 'eval', 'img_s'), get('chunked', 'eval', 'img_s'))
         ratio('train img/s ours / chunked (eager)', get('ours', 'train', 'img_s'), get('chunked', 'train', 'img_s'))
+
         def over_floor(mode):
             """ours' and the floor's time per image; with --paired, the median of their steps' ratios (and 1)."""
             ours, floor = by_row.get('ours', {}).get(mode, {}), by_row.get('floor', {}).get(mode, {})

@@ -282,11 +282,15 @@ inline V vsilu(V z) {
   return z * vsigmoid(z);
 }
 
-// d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+// d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z))), from s = sigmoid(z)
+template <typename V>
+inline V vsilu_grad_from(V z, V s) {
+  return s * (1 + z * (1 - s));
+}
+
 template <typename V>
 inline V vsilu_grad(V z) {
-  const V s = vsigmoid(z);
-  return s * (1 + z * (1 - s));
+  return vsilu_grad_from(z, vsigmoid(z));
 }
 
 // ---- threads ---------------------------------------------------------------------------------------------
@@ -462,7 +466,7 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
         V dy = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
         if (p.z) {  // dy = dout silu(z), and dz = dout silu'(z) y from the same sigmoid
           const V zt = load<kFull>(p.z_row(t, b) + d0, lanes), sz = vsigmoid(zt);
-          r.dz_dys[at] = dy * (sz * (1 + zt * (1 - sz)));
+          r.dz_dys[at] = dy * vsilu_grad_from(zt, sz);
           dy = dy * (zt * sz);
         }
         r.sigs[at] = sig;
