@@ -160,6 +160,15 @@ def _row_isa() -> str:
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
+def _ran_backend(backend: str) -> str:
+    """The backends as run: 'cpu_kernel' falls back to the compiled pure-PyTorch ones when its build failed, and
+    a row must not carry the name of kernels it did not run (an AVX-512-only compile error once hid so)."""
+    from timm_rsmamba.ops.cpu_kernel import CPU_KERNELS
+    if 'cpu_kernel' in backend and CPU_KERNELS.library is None:
+        return backend.replace('cpu_kernel', 'compiled') + f' (C++ build failed: {CPU_KERNELS.error})'
+    return backend
+
+
 def _sync(device):
     import torch
     if device.startswith('cuda'):
@@ -220,7 +229,7 @@ def _prepare(spec, mode, args):
         return time.perf_counter() - start
 
     def result(seconds):
-        out = dict(img_s=bs / seconds, ms_img=1e3 * seconds / bs, batch_size=bs, backend=backend,
+        out = dict(img_s=bs / seconds, ms_img=1e3 * seconds / bs, batch_size=bs, backend=_ran_backend(backend),
                    rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                    threads=torch.get_num_threads(), isa=_row_isa())
         if device_type == 'cuda':

@@ -52,3 +52,14 @@ def test_paired_ratios_are_medians_of_the_steps_own_ratios(capsys):
     assert "train time over the no-scan floor, the median of the paired steps' ratios: +30%" in capsys.readouterr().out
     rows = bench_throughput.result_rows(results, args)
     assert rows[0]['note'] == 'paired: median of 3 steps taken in turn with the other rows, ms/img 22.0 30.0 26.0'
+
+
+def test_a_row_names_the_fallback_when_the_cpp_build_failed(monkeypatch):
+    from timm_rsmamba.ops.cpu_kernel import CPU_KERNELS
+    monkeypatch.setattr(CPU_KERNELS, 'library', None)
+    monkeypatch.setattr(CPU_KERNELS, 'error', 'RuntimeError: c++ failed')
+    assert (bench_throughput._ran_backend('cpu_kernel/cpu_kernel') ==
+            'compiled/compiled (C++ build failed: RuntimeError: c++ failed)')
+    assert bench_throughput._ran_backend('identity/torch') == 'identity/torch'
+    monkeypatch.setattr(CPU_KERNELS, 'library', object())
+    assert bench_throughput._ran_backend('cpu_kernel/cpu_kernel') == 'cpu_kernel/cpu_kernel'

@@ -19,15 +19,36 @@ def _driver_flags(isa: str):
     return [f for f in build_flags(isa) if f not in ('-shared', '-fPIC')]
 
 
-def _build_and_run(compiler: str, isa: str, tmp_path: Path, runner=()):
+def _build(compiler: str, isa: str, tmp_path: Path) -> Path:
     exe = tmp_path / f'test_mamba_cpu_{isa}'
-    subprocess.run([compiler, *_driver_flags(isa), '-o', str(exe), str(DRIVER)], check=True, capture_output=True,
-                   text=True)
+    built = subprocess.run([compiler, *_driver_flags(isa), '-o', str(exe), str(DRIVER)], capture_output=True,
+                           text=True)
+    assert built.returncode == 0, f'the {isa} build does not compile:\n{built.stderr[-4000:]}'
+    return exe
+
+
+def _run(exe: Path, isa: str, runner=()):
     done = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'all passed' in done.stdout
     vec_bytes = ISAS[isa].vec_bytes
     assert f'vec_bytes={vec_bytes} ' in done.stdout  # the build really had this ISA's vector width
+
+
+def _x86_host():
+    return platform.machine().lower() in ('x86_64', 'amd64', 'x64')
+
+
+@pytest.mark.parametrize('isa', [name for name in ISAS if name != 'neon'])
+def test_kernels_compile_for_every_x86_isa(isa, tmp_path):
+    """Every x86 build compiles, also on a CPU that cannot run it: a CI machine without AVX-512 once let an
+    AVX-512-only compile error through, and every AVX-512 user silently got the slow fallback."""
+    compiler = _find_compiler()
+    if compiler is None:
+        pytest.skip('no C++ compiler')
+    if not _x86_host() and isa != 'generic':
+        pytest.skip(f'{isa} is an x86 ISA and this is {platform.machine()}')
+    _build(compiler, isa, tmp_path)
 
 
 @pytest.mark.parametrize('isa', [name for name in ISAS if name != 'neon'])
@@ -36,8 +57,9 @@ def test_kernels_match_scalar_reference_natively(isa, tmp_path):
     if compiler is None:
         pytest.skip('no C++ compiler')
     if isa not in supported_isas():
-        pytest.skip(f'this CPU does not run {isa} (it runs {", ".join(supported_isas())})')
-    _build_and_run(compiler, isa, tmp_path)
+        pytest.skip(f'this CPU does not run {isa} (it runs {", ".join(supported_isas())}); '
+                    'test_kernels_compile_for_every_x86_isa still compiles it')
+    _run(_build(compiler, isa, tmp_path), isa)
 
 
 def test_kernels_match_scalar_reference_on_aarch64(tmp_path):
@@ -50,4 +72,4 @@ def test_kernels_match_scalar_reference_on_aarch64(tmp_path):
         if compiler is None or qemu is None or not Path(AARCH64_SYSROOT).is_dir():
             pytest.skip('needs a cross compiler and qemu: apt install g++-aarch64-linux-gnu qemu-user')
         runner = (qemu, '-L', AARCH64_SYSROOT)
-    _build_and_run(compiler, 'neon', tmp_path, runner)
+    _run(_build(compiler, 'neon', tmp_path), 'neon', runner)

@@ -155,7 +155,7 @@ inline void store_output(bool around, T* p, Vec<T> v, int lanes) {
 #if defined(__x86_64__)
   if (kFull && around && reinterpret_cast<uintptr_t>(p) % RSM_VEC_BYTES == 0) {
 #if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
-    _mm512_stream_si512(reinterpret_cast<void*>(p), (__m512i)v);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)v);
 #elif RSM_VEC_BYTES == 32 && defined(__AVX__)
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)v);
 #else
