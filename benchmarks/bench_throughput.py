@@ -30,8 +30,9 @@ Every (row, mode) runs in its own child process (this script with --single-row),
 RSS passes --rss-limit-gb is stopped and its cell says so.
 With --paired, the rows of a mode run at once instead, one child each held open after its warm-up, and
 take their timed steps in turn (ours, floor, ours, floor, ..., the order rotated every step): a shared
-host's slow minutes then fall on every row alike, and the ratios to the floor are medians of the steps'
-own ratios. The children's memory adds up meanwhile, and --rss-limit-gb and --row-timeout do not apply.
+host's slow minutes then fall on every row alike, and the ratios between rows (to the floor, to the
+reference) are medians of the steps' own ratios. The children's memory adds up meanwhile, and --rss-limit-gb
+and --row-timeout do not apply.
 Eval = inference_mode forward; train step = forward + cross-entropy + backward + AdamW step.
 Each row records the ISA its CPU code ran with: the one the C++ kernels were built for where they ran
 (RSMAMBA_CPU_ISA picks a narrower one), else torch's CPU capability (ATEN_CPU_CAPABILITY).
@@ -640,12 +641,20 @@ def print_ratios(results, flops, args, device_type):
                                                 ('met' if target[1](r) else 'MISSED') + ')')
             lines.append(f'- {label}: {fmt_(r)}{verdict}')
 
-        ratio('eval img/s ours / reference', get('ours', 'eval', 'img_s'), get('reference', 'eval', 'img_s'),
-              ('>= 4x', lambda r: r >= 4))
-        ratio('train img/s ours / reference' + ('' if args.ref_no_ckpt else ' (reference trains with ckpt)'),
-              get('ours', 'train', 'img_s'), get('reference', 'train', 'img_s'), ('>= 4x', lambda r: r >= 4))
-        ratio('eval img/s floor / reference (the ceiling of the ratio above: a scan that costs nothing)',
-              get('floor', 'eval', 'img_s'), get('reference', 'eval', 'img_s'))
+        def times(num, den, mode):
+            """``num``'s and ``den``'s ms/img; with --paired, the median of their steps' ratios (and 1)."""
+            a, b = by_row.get(num, {}).get(mode, {}), by_row.get(den, {}).get(mode, {})
+            if len(a.get('step_s') or ()) == len(b.get('step_s') or ()) > 0:
+                return statistics.median(x / a['batch_size'] / (y / b['batch_size'])
+                                         for x, y in zip(a['step_s'], b['step_s'])), 1.0
+            return a.get('ms_img'), b.get('ms_img')
+
+        paired = ', the median of the paired steps\' ratios' if args.paired else ''
+        ratio(f'eval img/s ours / reference{paired}', *times('reference', 'ours', 'eval'), ('>= 4x', lambda r: r >= 4))
+        ratio('train img/s ours / reference' + ('' if args.ref_no_ckpt else ' (reference trains with ckpt)') + paired,
+              *times('reference', 'ours', 'train'), ('>= 4x', lambda r: r >= 4))
+        ratio(f'eval img/s floor / reference (the ceiling of the ratio above: a scan that costs nothing){paired}',
+              *times('reference', 'floor', 'eval'))
         ratio("eval img/s ours / original (the published code's CPU path)", get('ours', 'eval', 'img_s'),
               get('original', 'eval', 'img_s'))
         ratio('train img/s ours_ckpt / reference (both with ckpt)', get('ours_ckpt', 'train', 'img_s'),
@@ -656,19 +665,11 @@ def print_ratios(results, flops, args, device_type):
         ratio('eval img/s ours / chunked (eager)', get('ours', 'eval', 'img_s'), get('chunked', 'eval', 'img_s'))
         ratio('train img/s ours / chunked (eager)', get('ours', 'train', 'img_s'), get('chunked', 'train', 'img_s'))
 
-        def over_floor(mode):
-            """ours' and the floor's time per image; with --paired, the median of their steps' ratios (and 1)."""
-            ours, floor = by_row.get('ours', {}).get(mode, {}), by_row.get('floor', {}).get(mode, {})
-            if len(ours.get('step_s') or ()) == len(floor.get('step_s') or ()) > 0:
-                return statistics.median(a / ours['batch_size'] / (b / floor['batch_size'])
-                                         for a, b in zip(ours['step_s'], floor['step_s'])), 1.0
-            return ours.get('ms_img'), floor.get('ms_img')
-
         pct = lambda r: f'{100 * (r - 1):+.0f}%'  # noqa: E731
-        paired = ', the median of the paired steps\' ratios' if args.paired else ''
-        ratio(f'eval time over the no-scan floor (ours ms/img / floor ms/img - 1{paired})', *over_floor('eval'),
-              ('<= +60%', lambda r: r <= 1.6), pct)
-        ratio(f'train time over the no-scan floor{paired}', *over_floor('train'), ('<= +40%', lambda r: r <= 1.4), pct)
+        ratio(f'eval time over the no-scan floor (ours ms/img / floor ms/img - 1{paired})',
+              *times('ours', 'floor', 'eval'), ('<= +60%', lambda r: r <= 1.6), pct)
+        ratio(f'train time over the no-scan floor{paired}', *times('ours', 'floor', 'train'),
+              ('<= +40%', lambda r: r <= 1.4), pct)
         if device_type == 'cuda':
             ratio('train img/s fused (ours) / pure PyTorch (compiled)', get('ours', 'train', 'img_s'),
                   get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))
