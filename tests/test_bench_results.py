@@ -2,6 +2,7 @@
 every device's runs share, appended to the day's file."""
 import json
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -69,3 +70,23 @@ def test_a_row_names_the_fallback_when_the_cpp_build_failed(monkeypatch):
     assert bench_throughput._ran_backend('identity/torch') == 'identity/torch'
     monkeypatch.setattr(CPU_KERNELS, 'library', object())
     assert bench_throughput._ran_backend('cpu_kernel/cpu_kernel') == 'cpu_kernel/cpu_kernel'
+
+
+def test_rows_appended_earlier_do_not_mark_the_commit_dirty(tmp_path, monkeypatch):
+    def git(*cmd):
+        subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *cmd], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / 'benchmarks' / 'results').mkdir(parents=True)
+    (tmp_path / 'benchmarks' / 'results' / 'rows.json').write_text('[]\n')
+    (tmp_path / 'benchmarks' / 'bench.py').write_text('')
+    git('init', '-q')
+    git('add', '-A')
+    git('commit', '-qm', 'x')
+    monkeypatch.setattr(bench_throughput, 'HERE', str(tmp_path / 'benchmarks'))
+    clean = bench_throughput._commit()
+    assert clean != '?' and not clean.endswith('-dirty')
+    (tmp_path / 'benchmarks' / 'results' / 'rows.json').write_text('[{}]\n')
+    assert bench_throughput._commit() == clean
+    (tmp_path / 'benchmarks' / 'bench.py').write_text('x = 1\n')
+    assert bench_throughput._commit() == clean + '-dirty'
