@@ -634,48 +634,44 @@ def print_ratios(results, flops, args, device_type):
             return by_row.get(row, {}).get(mode, {}).get(key)
 
         lines = []
+        paired = ', the median of the paired steps\' ratios' if args.paired else ''
 
-        def ratio(label, num, den, target=None, fmt_=lambda r: f'{r:.2f}x'):
-            if num is None or den is None:
-                return
-            r = num / den
-            verdict = '' if target is None else (' (target ' + target[0] + ': ' +
-                                                ('met' if target[1](r) else 'MISSED') + ')')
-            lines.append(f'- {label}: {fmt_(r)}{verdict}')
-
-        def times(num, den, mode):
-            """``num``'s and ``den``'s ms/img; with --paired, the median of their steps' ratios (and 1)."""
+        def ratio(label, num, den, mode, target=None, fmt_=lambda r: f'{r:.2f}x'):
+            """``num``'s ms/img over ``den``'s (so ``den``'s img/s over ``num``'s); for --paired rows the median
+            of their steps' own ratios."""
             a, b = by_row.get(num, {}).get(mode, {}), by_row.get(den, {}).get(mode, {})
             if len(a.get('step_s') or ()) == len(b.get('step_s') or ()) > 0:
-                return statistics.median(x / a['batch_size'] / (y / b['batch_size'])
-                                         for x, y in zip(a['step_s'], b['step_s'])), 1.0
-            return a.get('ms_img'), b.get('ms_img')
+                r = statistics.median(x / a['batch_size'] / (y / b['batch_size'])
+                                      for x, y in zip(a['step_s'], b['step_s']))
+            elif a.get('ms_img') is not None and b.get('ms_img') is not None:
+                r = a['ms_img'] / b['ms_img']
+            else:
+                return
+            verdict = '' if target is None else (' (target ' + target[0] + ': ' +
+                                                ('met' if target[1](r) else 'MISSED') + ')')
+            lines.append(f'- {label}{paired}: {fmt_(r)}{verdict}')
 
-        paired = ', the median of the paired steps\' ratios' if args.paired else ''
-        ratio(f'eval img/s ours / reference{paired}', *times('reference', 'ours', 'eval'), ('>= 4x', lambda r: r >= 4))
-        ratio('train img/s ours / reference' + ('' if args.ref_no_ckpt else ' (reference trains with ckpt)') + paired,
-              *times('reference', 'ours', 'train'), ('>= 4x', lambda r: r >= 4))
-        ratio(f'eval img/s floor / reference (the ceiling of the ratio above: a scan that costs nothing){paired}',
-              *times('reference', 'floor', 'eval'))
-        ratio("eval img/s ours / original (the published code's CPU path)", get('ours', 'eval', 'img_s'),
-              get('original', 'eval', 'img_s'))
-        ratio('train img/s ours_ckpt / reference (both with ckpt)', get('ours_ckpt', 'train', 'img_s'),
-              get('reference', 'train', 'img_s'))
+        at_least_4x = ('>= 4x', lambda r: r >= 4)
+        ratio('eval img/s ours / reference', 'reference', 'ours', 'eval', at_least_4x)
+        ratio('train img/s ours / reference' + ('' if args.ref_no_ckpt else ' (reference trains with ckpt)'),
+              'reference', 'ours', 'train', at_least_4x)
+        ratio('eval img/s floor / reference (the ceiling of the ratio above: a scan that costs nothing)',
+              'reference', 'floor', 'eval')
+        ratio("eval img/s ours / original (the published code's CPU path)", 'original', 'ours', 'eval')
+        ratio('train img/s ours_ckpt / reference (both with ckpt)', 'reference', 'ours_ckpt', 'train')
         if device_type == 'cpu':
-            ratio("eval img/s ours (C++ forwards) / compiled (torch.compile'd forwards)",
-                  get('ours', 'eval', 'img_s'), get('compiled', 'eval', 'img_s'))
-        ratio('eval img/s ours / chunked (eager)', get('ours', 'eval', 'img_s'), get('chunked', 'eval', 'img_s'))
-        ratio('train img/s ours / chunked (eager)', get('ours', 'train', 'img_s'), get('chunked', 'train', 'img_s'))
+            ratio("eval img/s ours (C++ forwards) / compiled (torch.compile'd forwards)", 'compiled', 'ours', 'eval')
+        ratio('eval img/s ours / chunked (eager)', 'chunked', 'ours', 'eval')
+        ratio('train img/s ours / chunked (eager)', 'chunked', 'ours', 'train')
 
         # one decimal: a ratio of 1.401 misses the +40% target, and '+40%' would not show why
         pct = lambda r: f'{100 * (r - 1):+.1f}%'  # noqa: E731
-        ratio(f'eval time over the no-scan floor (ours ms/img / floor ms/img - 1{paired})',
-              *times('ours', 'floor', 'eval'), ('<= +60%', lambda r: r <= 1.6), pct)
-        ratio(f'train time over the no-scan floor{paired}', *times('ours', 'floor', 'train'),
-              ('<= +40%', lambda r: r <= 1.4), pct)
+        ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', 'ours', 'floor', 'eval',
+              ('<= +60%', lambda r: r <= 1.6), pct)
+        ratio('train time over the no-scan floor', 'ours', 'floor', 'train', ('<= +40%', lambda r: r <= 1.4), pct)
         if device_type == 'cuda':
-            ratio('train img/s fused (ours) / pure PyTorch (compiled)', get('ours', 'train', 'img_s'),
-                  get('compiled', 'train', 'img_s'), ('pure PyTorch within 3x', lambda r: r <= 3))
+            ratio('train img/s fused (ours) / pure PyTorch (compiled)', 'compiled', 'ours', 'train',
+                  ('pure PyTorch within 3x', lambda r: r <= 3))
             tr = get('ours', 'train', 'img_s')
             if tr is not None:
                 mfu = 3 * flops[(model, False)] * 1e9 * tr / (args.peak_tflops * 1e12)

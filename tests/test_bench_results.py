@@ -62,6 +62,19 @@ def test_paired_ratios_are_medians_of_the_steps_own_ratios(capsys):
     assert rows[0]['note'] == 'paired: median of 3 steps taken in turn with the other rows, ms/img 22.0 30.0 26.0'
 
 
+def test_unpaired_ratios_are_of_the_rows_times(capsys):
+    """Without --paired the ratios are the rows' ms/img (ours 30, floor 25, reference 100), img/s the other way."""
+    cells = dict(ours=_cell(1 / 0.03, 'avx2'), floor=_cell(1 / 0.025, 'avx2'), reference=_cell(1 / 0.1, 'avx2'))
+    results = [dict(spec=dict(model='rsmamba_base', row=row, note=''), eval=cell) for row, cell in cells.items()]
+    args = SimpleNamespace(models=['rsmamba_base'], paired=False, ref_no_ckpt=False, img_size=224, batch_size=8,
+                           amp='none', device='cpu', results_dir='')
+    bench_throughput.print_ratios(results, {}, args, 'cpu')
+    out = capsys.readouterr().out
+    assert '- eval img/s ours / reference: 3.33x (target >= 4x: MISSED)' in out
+    assert '- eval time over the no-scan floor (ours ms/img / floor ms/img - 1): +20.0% (target <= +60%: met)' in out
+    assert 'a scan that costs nothing): 4.00x' in out
+
+
 def test_a_row_names_the_fallback_when_the_cpp_build_failed(monkeypatch):
     from timm_rsmamba.ops.cpu_kernel import CPU_KERNELS
     monkeypatch.setattr(CPU_KERNELS, 'library', None)
