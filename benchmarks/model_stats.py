@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import timm_rsmamba  # noqa: F401  (registers the rsmamba_* models)
-from timm_rsmamba.ops.scan import ORDER_READING_SCANS, SCAN_BACKENDS
+from timm_rsmamba.ops.scan import ORDER_READING_SCANS, ORDER_WRITING_SCANS, SCAN_BACKENDS
 
 VARIANTS = ('rsmamba_small', 'rsmamba_base', 'rsmamba_large', 'rsmamba_huge')
 PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50')
@@ -37,10 +37,12 @@ _scan_elements = {'bel': 0, 'bels': 0}  # (3B*E*L) and (3B*E*L*S) seen by identi
 
 
 def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False, z_order=None):
+                  return_last_state=False, z_order=None, out_order=None):
     """A scan backend that returns ``u`` unchanged: the whole selective-scan op (recurrence, D skip and
     SiLU(z) gate) replaced by the identity, the strictest floor for what the scan costs. It takes z's token
-    orders (``z_order``) as the C++ scan does, so the floor pays no gathered copy of z either.
+    orders (``z_order``) as the C++ scan does, so the floor pays no gathered copy of z either. It takes
+    ``out_order`` and ignores it: the C++ scan puts its output back in token order as it writes it, so the floor
+    pays no gather for that either.
 
     With autograd on, a zero-weighted mean of every other input is added so the backward pass still
     reaches x_proj, dt_proj, A_log, D and the z half of in_proj. Also tallies the scan's element counts
@@ -119,6 +121,7 @@ def register_benchmark_scans():
     path) available to timm.create_model('rsmamba_*', scan_backend=...)."""
     SCAN_BACKENDS['identity'] = identity_scan
     ORDER_READING_SCANS.add('identity')
+    ORDER_WRITING_SCANS.add('identity')
     SCAN_BACKENDS['original_fallback'] = original_fallback_scan
 
 

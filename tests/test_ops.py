@@ -488,6 +488,38 @@ def test_scan_reads_z_in_token_orders(backend):
         assert ((new_inputs[name].grad - t.grad).abs().max() / scale) < 1e-4, name
 
 
+def put_back_in_token_order(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(paths * B, C, L) -> the same by indexed assignment: position l of sequence p * B + b goes to order[l, p]."""
+    out = torch.zeros_like(y)
+    batch = y.shape[0] // order.shape[1]
+    for p in range(order.shape[1]):
+        out[p * batch:(p + 1) * batch, :, order[:, p]] = y[p * batch:(p + 1) * batch]
+    return out
+
+
+@pytest.mark.parametrize('backend', ['cpu_kernel', 'chunked'])
+def test_scan_writes_outputs_in_token_order(backend):
+    """out_order (written through natively by the C++ scan, restored after by the others): values, the last
+    state and every input's gradient as the reference scan's output put back by indexed assignment."""
+    batch, d, L, n = 2, 20, 37, 16
+    order = token_orders(L)
+    x = make_inputs(3 * batch, d, L, n)
+    ref_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    new_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    y_ref, last_ref = selective_scan_reference(**ref_inputs, delta_softplus=True, return_last_state=True)
+    y_ref = put_back_in_token_order(y_ref, order)
+    y_new, last_new = selective_scan(**new_inputs, delta_softplus=True, return_last_state=True, backend=backend,
+                                     out_order=order)
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_new, last_ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(y_ref)
+    (y_ref * weight).sum().backward()
+    (y_new * weight).sum().backward()
+    for name, t in ref_inputs.items():
+        scale = t.grad.abs().max().clamp_min(1e-6)
+        assert ((new_inputs[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+
+
 def test_cpu_kernel_token_orders_gradcheck_float64():
     """float64 gradcheck of the C++ conv and scan reading through an order index (small shapes)."""
     order = token_orders(5)
@@ -500,9 +532,10 @@ def test_cpu_kernel_token_orders_gradcheck_float64():
     s = {k: v.requires_grad_() for k, v in s.items()}
     s['z'] = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     names = list(s)
-    assert torch.autograd.gradcheck(
-        lambda *args: selective_scan(**dict(zip(names, args)), delta_softplus=True, backend='cpu_kernel',
-                                     z_order=order), tuple(s.values()))
+    for out_order in (None, order):
+        assert torch.autograd.gradcheck(
+            lambda *args: selective_scan(**dict(zip(names, args)), delta_softplus=True, backend='cpu_kernel',
+                                         z_order=order, out_order=out_order), tuple(s.values()))
 
 
 def test_cpu_kernel_refuses_bad_token_orders():
@@ -519,3 +552,9 @@ def test_cpu_kernel_refuses_bad_token_orders():
     with pytest.raises(ValueError, match='read in 3 token orders'):
         selective_scan(**dict(s, z=torch.randn(3, 3, 5)), delta_softplus=True, backend='cpu_kernel',
                        z_order=token_orders(5))
+    repeated = token_orders(5)
+    repeated[1, 2] = repeated[0, 2]  # out's rows are written through it: none may be left unwritten
+    with pytest.raises(ValueError, match='must be a permutation'):
+        selective_scan(**s, delta_softplus=True, backend='cpu_kernel', out_order=repeated)
+    with pytest.raises(ValueError, match='do not split into the 4 paths'):
+        selective_scan(**s, delta_softplus=True, backend='cpu_kernel', out_order=token_orders(5).repeat(1, 2)[:, :4])

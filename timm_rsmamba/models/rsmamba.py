@@ -37,6 +37,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..modules import MambaMixer
+from ..ops.token_orders import restore_token_orders
 from ._datasets import DATASETS, normalization
 
 __all__ = ['RSMamba', 'checkpoint_filter_fn', 'convert_mmpretrain', 'check_input_bands', 'InputBandsError']
@@ -186,19 +187,21 @@ class MultiPathBlock(nn.Module):
         if self.num_paths == 1:
             return x + self.drop_path(mixer.out_proj(mixer.mix(xz)).transpose(0, 1))
         order = self._token_orders(length, perm, xz.device)  # (L, paths): position l of each order
-        y = mixer.mix(xz, order)  # (L, paths * B, E): every order at once
+        # every order at once, each back in token order: the C++ scan writes y so. The Triton mixer's gate
+        # re-computes y as the mix made it, so there the orders are put back after the gate. (The gate's means
+        # and weights are the same in any token order.)
+        restore_after_gate = mixer.on_triton(xz.device)
+        y = mixer.mix(xz, order, restore_order=not restore_after_gate)  # (L, paths * B, E)
         y = y.unflatten(1, (self.num_paths, batch))  # (L, paths, B, E)
-        if self.gate is not None:  # weigh before un-reordering so autograd keeps y alone
+        if self.gate is not None:
             means = mixer.out_proj(y.mean(0)).transpose(0, 1)  # (B, paths, dim)
             weights = self.gate(means.flatten(1)).softmax(dim=-1)
             y = mixer.weigh(y, weights.t()[None, :, :, None], xz, order)
         else:
             y = y / self.num_paths
-        # back to token order with one gather over (L * paths) rows: token i of order p sits at row
-        # inverse[i, p] * paths + p
-        inverse = torch.argsort(order, dim=0) * self.num_paths + torch.arange(self.num_paths, device=order.device)
-        merged = y.flatten(0, 1).index_select(0, inverse.flatten()).view(length, self.num_paths, batch, -1).sum(1)
-        return x + self.drop_path(mixer.out_proj(merged).transpose(0, 1))
+        if restore_after_gate:
+            y = restore_token_orders(y.flatten(1, 2), order).unflatten(1, (self.num_paths, batch))
+        return x + self.drop_path(mixer.out_proj(y.sum(1)).transpose(0, 1))
 
 
 class RSMamba(nn.Module):

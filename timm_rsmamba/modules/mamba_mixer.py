@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan, triton_support
-from ..ops.token_orders import gather_token_orders, token_order_mode
+from ..ops.token_orders import gather_token_orders, restore_token_orders, token_order_mode
 
 
 class MambaMixer(nn.Module):
@@ -57,7 +57,7 @@ class MambaMixer(nn.Module):
         scan, conv = self.backend_names(self.A_log.device)
         return f'state_size={self.state_size}, dt_rank={self.dt_rank}, scan_backend={scan}, conv_backend={conv}'
 
-    def _on_triton(self, device) -> bool:
+    def on_triton(self, device) -> bool:
         return self.backend_names(device) == ('triton', 'triton')
 
     def _mix_params(self):
@@ -67,7 +67,7 @@ class MambaMixer(nn.Module):
     def weigh(self, y: torch.Tensor, weights: torch.Tensor, xz: torch.Tensor, order: Optional[torch.Tensor] = None):
         """``y * weights`` for y = mix(xz, order) (any view of it): the gate's product. On the Triton mixer autograd
         keeps the mix's inputs instead of y, and re-computes y in backward ($RSMAMBA_GATE_RECOMPUTE)."""
-        if self._on_triton(xz.device) and triton_support.gate_recompute():
+        if self.on_triton(xz.device) and triton_support.gate_recompute():
             return triton_support.weigh_paths(y, weights, xz, order, *self._mix_params())
         return y * weights
 
@@ -75,7 +75,7 @@ class MambaMixer(nn.Module):
         """hidden: (batch, length, dim) -> (batch, length, dim)."""
         return self.out_proj(self.mix(self.in_proj(hidden.transpose(0, 1)))).transpose(0, 1)
 
-    def mix(self, xz: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mix(self, xz: torch.Tensor, order: Optional[torch.Tensor] = None, restore_order: bool = False) -> torch.Tensor:
         """Everything between the two projections, time-major: xz (L, N, 2E) -> y (L, N, E).
 
         Split out so that a caller running several token orders of the same tokens can project in once and
@@ -83,11 +83,15 @@ class MambaMixer(nn.Module):
         (L, B, 2E) and sequence p * B + b of the result (N = paths * B) is b's tokens in the order order[:, p].
         The conv and the scan read x and z through ``order`` where their backends can, with no gathered copy
         (ops/token_orders.py). On the Triton backends one autograd function runs it all (ops/triton_mix.py).
+        ``restore_order``: hand every sequence back in token order (row l of sequence p * B + b: token l); the C++
+        scan does it as it writes y.
         """
+        out_order = order if restore_order else None
         if order is not None and token_order_mode() == 'gather':
             xz, order = gather_token_orders(xz, order), None
-        if self._on_triton(xz.device):
-            return triton_support.mamba_mix(xz, order, *self._mix_params())
+        if self.on_triton(xz.device):
+            y = triton_support.mamba_mix(xz, order, *self._mix_params())
+            return restore_token_orders(y, out_order) if out_order is not None else y
         E, R, S = self.intermediate_size, self.dt_rank, self.state_size
         x, z = xz.split(E, dim=-1)
 
@@ -103,5 +107,5 @@ class MambaMixer(nn.Module):
         y = selective_scan(
             x, channel_major(delta), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
             D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.scan_backend, z_order=order)
+            backend=self.scan_backend, z_order=order, out_order=out_order)
         return y.permute(2, 0, 1)

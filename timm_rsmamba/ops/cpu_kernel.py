@@ -200,7 +200,7 @@ class _ScanArgs(ctypes.Structure):
                 [(k, ctypes.c_void_p) for k in ('out', 'starts', 'last', 'dout', 'dlast')] +
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
                 [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
-                                                'z_rows')])
+                                                'z_rows', 'out_rows')])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -325,6 +325,13 @@ def _row_offsets(source: Tensor, order: Tensor) -> Tensor:
     return (order[:, :, None] * source.stride(0) + batch).flatten(1).contiguous()
 
 
+def _restored_rows(target: Tensor, order: Tensor) -> Tensor:
+    """(L, paths * B) element offsets into ``target`` (L, paths * B, C) that put sequence p * B + b's position l
+    at row order[l, p]: where the scan writes out (and reads dout) to hand every path back in token order."""
+    sequences = (torch.arange(target.shape[1], device=order.device) * target.stride(1)).view(order.shape[1], -1)
+    return (order[:, :, None] * target.stride(0) + sequences).flatten(1).contiguous()
+
+
 def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
     return source.shape[1] * (order.shape[1] if order is not None else 1)
 
@@ -363,19 +370,38 @@ def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order):
 @torch.library.custom_op('rsmamba::cpu_selective_scan_fwd', mutates_args=(), device_types='cpu')
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
-                       save_starts: bool, z_order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       save_starts: bool, z_order: Optional[Tensor] = None,
+                       out_order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The scan on time-major tensors: u, delta, z (L, batch, dim); B, C (L, batch, state); A (dim, state).
-    With ``z_order`` (L, paths), z is the source (L, batch / paths, dim) read in those token orders.
+    With ``z_order`` (L, paths), z is the source (L, batch / paths, dim) read in those token orders. With
+    ``out_order`` (L, paths), sequence p * (batch / paths) + b of out is put back in token order: its position
+    l is written to row out_order[l, p].
 
     Returns out (L, batch, dim), the state at each chunk start (chunks, state, batch, dim) (empty unless
     ``save_starts``: what the backward re-computes from) and the last state (state, batch, dim).
     """
     (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
+    out_rows = _out_rows('selective_scan_fwd', out, out_order)
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
     args.out, args.starts, args.last = _ptr(out), _ptr(starts) if save_starts else None, _ptr(last)
+    args.out_rows = _ptr(out_rows)
     _call('rsm_scan_forward', u, args)
     return out, starts, last
+
+
+def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optional[Tensor]:
+    if out_order is None:
+        return None
+    _check_order(name, target, out_order)
+    positions = torch.arange(out_order.shape[0], device=out_order.device)[:, None]
+    if not bool((out_order.sort(dim=0).values == positions).all()):  # else rows of out would go unwritten
+        raise ValueError(f'{name}: every column of out_order must be a permutation of the {out_order.shape[0]} '
+                         f'positions')
+    if target.shape[1] % out_order.shape[1]:
+        raise ValueError(f'{name}: {target.shape[1]} sequences do not split into the {out_order.shape[1]} paths '
+                         f'of out_order')
+    return _restored_rows(target, out_order)
 
 
 def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
@@ -386,18 +412,19 @@ def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_order=None):
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_order=None, out_order=None):
     return _scan_outputs(u, A, chunk_len, save_starts)
 
 
 @torch.library.custom_op('rsmamba::cpu_selective_scan_bwd', mutates_args=(), device_types='cpu')
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
-                       dlast: Optional[Tensor], softplus: bool, chunk_len: int,
-                       z_order: Optional[Tensor] = None) -> List[Tensor]:
+                       dlast: Optional[Tensor], softplus: bool, chunk_len: int, z_order: Optional[Tensor] = None,
+                       out_order: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
     d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient.
-    With ``z_order``, dz is per token order, (L, batch, dim) like u: summing it back is autograd's step."""
+    With ``z_order``, dz is per token order, (L, batch, dim) like u: summing it back is autograd's step. With
+    ``out_order``, dout is in token order as the forward's out was, and read through it."""
     (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     expected = (_chunks(u.shape[0], chunk_len), A.shape[1], *u.shape[1:])
     if tuple(starts.shape) != expected:
@@ -407,7 +434,8 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
-    args.starts, args.dout, args.dlast = _ptr(starts), _ptr(dout), _ptr(dlast)
+    dout_rows = _out_rows('selective_scan_bwd', dout, out_order)
+    args.starts, args.dout, args.dlast, args.out_rows = _ptr(starts), _ptr(dout), _ptr(dlast), _ptr(dout_rows)
     args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
     for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias'), grads,
                               (u, u, A, B, C, D, z, delta_bias)):
@@ -424,25 +452,25 @@ def _scan_grads(u, A, B, D, z, delta_bias) -> List[Tensor]:
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None):
+def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None):
     return _scan_grads(u, A, B, D, z, delta_bias)
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order)
+    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order, out_order = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order, out_order)
     ctx.softplus, ctx.chunk_len = softplus, chunk_len
 
 
 def _scan_backward(ctx, dout, _dstarts, dlast):
-    u, delta, A, B, C, D, z, delta_bias, starts, z_order = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, starts, z_order, out_order = ctx.saved_tensors
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
-                               ctx.chunk_len, z_order)
+                               ctx.chunk_len, z_order, out_order)
     du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
     if z is not None and z_order is not None:
         dz = scatter_token_orders(dz, z_order)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            d_bias if delta_bias is not None else None, None, None, None, None)
+            d_bias if delta_bias is not None else None, None, None, None, None, None)
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)

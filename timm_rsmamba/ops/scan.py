@@ -32,7 +32,8 @@ Backends:
   torch.export, so exported graphs (and ONNX files) hold plain ops and an ONNX ``Scan``.
 
 The multi-path block's token orders (``z_order``, ops/token_orders.py): ``cpu_kernel`` and ``triton`` read the
-gate's z through the index; the other backends get a gathered copy.
+gate's z through the index; the other backends get a gathered copy. ``out_order`` puts every sequence's output
+back in token order: ``cpu_kernel`` as it writes it, the others by a gather after.
 """
 import contextlib
 import math
@@ -46,7 +47,7 @@ from . import triton_support
 from .compiled import CompiledKernels
 from .cpu_kernel import CPU_KERNELS, cpu_kernels_available, selective_scan_fwd
 from .fused_cuda import fused_selective_scan, mamba_ssm_fn
-from .token_orders import gather_channel_major
+from .token_orders import gather_channel_major, restore_channel_major
 
 BACKEND_ENV_VAR = 'RSMAMBA_SCAN_BACKEND'
 
@@ -523,7 +524,8 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        chunk_len: Optional[int] = None, z_order: Optional[torch.Tensor] = None):
+        chunk_len: Optional[int] = None, z_order: Optional[torch.Tensor] = None,
+        out_order: Optional[torch.Tensor] = None):
     """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::cpu_selective_scan_fwd``.
 
     One pass over the sequence with the states in vector registers and inlined exp/log; the backward
@@ -531,7 +533,8 @@ def selective_scan_cpu_kernel(
     at its start. CPU tensors; fp32 (fp16/bf16 are computed in fp32) and fp64. Where the kernels cannot be
     built this runs `selective_scan_compiled`, or `selective_scan_chunked` if there is no C++ compiler (which
     torch.compile would need too). ``z_order``: read z through an (L, paths) token-order index (z is then the
-    (batch / paths, dim, L) source), with no gathered copy.
+    (batch / paths, dim, L) source), with no gathered copy; ``out_order``: write the output back in token order
+    through one (see `selective_scan`), with no gather after.
     """
     if u.device.type != 'cpu':
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
@@ -540,7 +543,8 @@ def selective_scan_cpu_kernel(
         fallback = selective_scan_compiled if CPU_KERNELS.compiler_found else selective_scan_chunked
         if z is not None and z_order is not None:
             z = gather_channel_major(z, z_order)
-        return fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
+        result = fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
+        return _restored(result, out_order, return_last_state)
     ct = _compute_dtype(u.dtype)
 
     def time_major(t):
@@ -555,9 +559,18 @@ def selective_scan_cpu_kernel(
         out, _, last = selective_scan_fwd(
             time_major(u), time_major(delta), A.to(ct), time_major(B), time_major(C), vector(D), time_major(z),
             vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad,
-            z_order if z is not None else None)
+            z_order if z is not None else None, out_order)
         out = out.to(u.dtype).permute(1, 2, 0)
     return (out, last.permute(1, 2, 0).contiguous()) if return_last_state else out
+
+
+def _restored(result, out_order: Optional[torch.Tensor], with_last_state: bool):
+    """A backend's result with its output put back in token order through ``out_order`` (if given)."""
+    if out_order is None:
+        return result
+    if with_last_state:
+        return restore_channel_major(result[0], out_order), result[1]
+    return restore_channel_major(result, out_order)
 
 
 def selective_scan_mamba_ssm(
@@ -592,6 +605,8 @@ SCAN_BACKENDS: Dict[str, Callable] = {
 }
 # The backends that take ``z_order`` and read z through it; the others get a gathered copy of z.
 ORDER_READING_SCANS = {'triton', 'cpu_kernel'}
+# The backends that take ``out_order`` and write through it; the others' outputs are restored after.
+ORDER_WRITING_SCANS = {'cpu_kernel'}
 # What the error of a backend that cannot run on a device suggests instead.
 _RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'compiled', 'chunked', 'reference'",
              'cuda': "'auto', 'mamba_ssm' (the [cuda] extra), 'compiled', 'chunked', 'reference'"}
@@ -622,11 +637,15 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
 
 def selective_scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        backend: Optional[str] = None, z_order: Optional[torch.Tensor] = None):
+        backend: Optional[str] = None, z_order: Optional[torch.Tensor] = None,
+        out_order: Optional[torch.Tensor] = None):
     """Selective scan with the ``mamba_ssm.selective_scan_fn`` signature, on the chosen backend.
 
     ``z_order`` (L, paths): z is the (batch / paths, dim, L) source of the gate, and sequence p * (batch /
     paths) + b reads z[b] in the token order z_order[:, p] (the multi-path block's orders; see token_orders).
+    ``out_order`` (L, paths): that sequence's output at position l goes to position out_order[l, p] instead, which
+    puts it back in token order when out_order is the order it was read in (the multi-path block's merge then
+    needs no gather).
     """
     name = resolve_scan_backend(backend, u.device)
     order_kwargs = {}
@@ -635,5 +654,8 @@ def selective_scan(
             order_kwargs = dict(z_order=z_order)
         else:
             z = gather_channel_major(z, z_order)
-    return SCAN_BACKENDS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                               return_last_state=return_last_state, **order_kwargs)
+    if out_order is not None and name in ORDER_WRITING_SCANS:
+        order_kwargs['out_order'], out_order = out_order, None
+    result = SCAN_BACKENDS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                 return_last_state=return_last_state, **order_kwargs)
+    return _restored(result, out_order, return_last_state)

@@ -3,7 +3,8 @@
 Sequence ``p * B + b`` of a mix over ``paths`` orders reads, at position ``l``, row ``order[l, p]`` of source
 sequence ``b``. The C++ and Triton kernels read their inputs through the index (``kernel``, the default: no
 gathered copy exists, and autograd saves the un-reordered source); every other backend gets a gathered copy
-(``gather``). ``$RSMAMBA_TOKEN_ORDER`` picks one; both are exact.
+(``gather``); ``$RSMAMBA_TOKEN_ORDER`` picks one, both are exact. The C++ scan also writes its output back in
+token order as it stores it (``out_order``); other outputs are put back by `restore_token_orders`.
 """
 import os
 
@@ -25,9 +26,24 @@ def gather_token_orders(source: torch.Tensor, order: torch.Tensor) -> torch.Tens
     return source.index_select(0, order.flatten()).view(order.shape[0], -1, source.shape[-1])
 
 
+def restore_token_orders(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of `gather_token_orders` per path: y (L, paths * B, C), sequence p * B + b in the token order
+    order[:, p] -> the same with every sequence back in token order (row l: the position that read token l).
+    One index_select over the L * paths rows."""
+    paths = order.shape[1]
+    rows = (torch.argsort(order, dim=0) * paths + torch.arange(paths, device=order.device)).flatten()
+    by_path = y.unflatten(1, (paths, -1))
+    return by_path.flatten(0, 1).index_select(0, rows).view(by_path.shape).flatten(1, 2)
+
+
 def gather_channel_major(source: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """`gather_token_orders` of a (B, C, L) view of a time-major tensor: (paths * B, C, L), again such a view."""
     return gather_token_orders(source.permute(2, 0, 1), order).permute(1, 2, 0)
+
+
+def restore_channel_major(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`restore_token_orders` of a (N, C, L) view of a time-major tensor: (N, C, L), again such a view."""
+    return restore_token_orders(y.permute(2, 0, 1), order).permute(1, 2, 0)
 
 
 def scatter_token_orders(grad_tm: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
