@@ -318,18 +318,15 @@ def _check_order(name: str, source: Tensor, order: Optional[Tensor]) -> None:
         raise ValueError(f'{name}: token-order index out of range [0, {source.shape[0]})')
 
 
-def _row_offsets(source: Tensor, order: Tensor) -> Tensor:
-    """(L, paths * B) element offsets into ``source`` (L, B, C) of row order[l, p] of sequence b, for every
-    position l and sequence p * B + b: what the kernels read through instead of a gathered copy."""
-    batch = torch.arange(source.shape[1], device=order.device) * source.stride(1)
-    return (order[:, :, None] * source.stride(0) + batch).flatten(1).contiguous()
-
-
-def _restored_rows(target: Tensor, order: Tensor) -> Tensor:
-    """(L, paths * B) element offsets into ``target`` (L, paths * B, C) that put sequence p * B + b's position l
-    at row order[l, p]: where the scan writes out (and reads dout) to hand every path back in token order."""
-    sequences = (torch.arange(target.shape[1], device=order.device) * target.stride(1)).view(order.shape[1], -1)
-    return (order[:, :, None] * target.stride(0) + sequences).flatten(1).contiguous()
+def _row_offsets(tensor: Tensor, order: Tensor, per_path: bool = False) -> Tensor:
+    """(L, paths * B) element offsets, for every position l and sequence p * B + b, of row order[l, p] of
+    sequence b of ``tensor`` (L, B, C): what the kernels read through instead of a gathered copy. ``per_path``:
+    of sequence p * B + b of ``tensor`` (L, paths * B, C) instead, where the scan puts each path's outputs back
+    in token order."""
+    sequences = torch.arange(tensor.shape[1], device=order.device) * tensor.stride(1)
+    if per_path:
+        sequences = sequences.view(order.shape[1], -1)
+    return (order[:, :, None] * tensor.stride(0) + sequences).flatten(1).contiguous()
 
 
 def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
@@ -401,7 +398,7 @@ def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optiona
     if target.shape[1] % out_order.shape[1]:
         raise ValueError(f'{name}: {target.shape[1]} sequences do not split into the {out_order.shape[1]} paths '
                          f'of out_order')
-    return _restored_rows(target, out_order)
+    return _row_offsets(target, out_order, per_path=True)
 
 
 def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
