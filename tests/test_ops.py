@@ -173,6 +173,10 @@ def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
         y = selective_scan_cpu_kernel(**x, delta_softplus=True)
     torch.testing.assert_close(y, selective_scan_reference(**x, delta_softplus=True), rtol=1e-5, atol=1e-5)
     assert kernels.error and kernels.library is None  # it does not try again
+    order, x = token_orders(10), make_inputs(3, 4, 10, 4)  # the fallback puts the paths back in token order too
+    torch.testing.assert_close(selective_scan_cpu_kernel(**x, delta_softplus=True, out_order=order),
+                               put_back_in_token_order(selective_scan_reference(**x, delta_softplus=True), order),
+                               rtol=1e-5, atol=1e-5)
     xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
     torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'),
                                causal_conv1d_reference(xc, w, None, 'silu'))
