@@ -915,10 +915,12 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
   for (int64_t b = 0; b < p.batch; ++b) {
     const ConvRows<T> rows(p, b, t0 - (p.taps - 1), window);
     for (int64_t t = t0; t < window; ++t) {
+      const T* const* taps = rows.taps_of(p, t);
+      const int64_t k0 = first_tap(p, t);
       for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
         constexpr bool kFull = decltype(full)::value;
         V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
-        if (p.silu) g = g * vsilu_grad(pre_activation<kFull>(p, rows.taps_of(p, t), first_tap(p, t), d0, lanes));
+        if (p.silu) g = g * vsilu_grad(pre_activation<kFull>(p, taps, k0, d0, lanes));
         grads[(t - t0) * blocks + d0 / kLanes<T>] = g;
       });
     }
