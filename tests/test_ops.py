@@ -64,6 +64,15 @@ def test_chunked_matches_reference_values_and_grads(shape, chunk, opts):
     assert_matches_reference(make_inputs(*shape, **opts), selective_scan_chunked, chunk_len=chunk)
 
 
+def test_softplus_gradient_is_finite_where_exp_underflows_against_one():
+    """Where 1 + exp(-|x|) rounds to 1 (|x| > 17 in float32), the log1p branch not taken divided 0 by 0, and
+    torch.where's backward turned that into a NaN gradient (0 * inf): the compiled backend trained to NaN
+    under inductor's AVX2 code. The gradient must be sigmoid(x), finite everywhere."""
+    x = torch.tensor([-40., -20., -17., -1., 1., 17., 20., 40.], requires_grad=True)
+    scan_module._softplus(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.sigmoid(x.detach()))
+
+
 @pytest.mark.parametrize('opts', [dict(), dict(with_d=False, with_z=False, with_bias=False)])
 def test_compiled_matches_reference_values_and_grads(opts):
     """torch.compile'd chunk kernels (forced even at this size), a tail chunk included; the last state too

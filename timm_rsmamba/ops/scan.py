@@ -87,7 +87,8 @@ def _softplus(x):
     """
     w = torch.exp(-x.abs())
     one_plus = 1 + w
-    return x.clamp(min=0) + torch.where(one_plus == 1, w, torch.log(one_plus) * (w / (one_plus - 1)))
+    exact = one_plus == 1  # there the branch not taken would be 0/0, and its gradient a NaN through the where
+    return x.clamp(min=0) + torch.where(exact, w, torch.log(one_plus) * (w / torch.where(exact, 1, one_plus - 1)))
 
 
 def _positive_delta(delta_raw, delta_bias, softplus):
