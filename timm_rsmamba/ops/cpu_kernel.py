@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .token_orders import scatter_token_orders
+from .token_orders import sum_path_planes
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'mamba_cpu.cpp'
 ISA_ENV_VAR = 'RSMAMBA_CPU_ISA'
@@ -200,7 +200,7 @@ class _ScanArgs(ctypes.Structure):
                 [(k, ctypes.c_void_p) for k in ('out', 'starts', 'last', 'dout', 'dlast')] +
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
                 [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
-                                                'z_rows', 'out_rows')])
+                                                'z_rows', 'out_rows', 'dz_rows')])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -208,7 +208,7 @@ class _ConvArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_void_p) for k in ('x', 'weight', 'bias', 'dout')] +
                 [(k, ctypes.c_int64) for k in ('x_t', 'x_b', 'dout_t', 'dout_b', 'w_d', 'w_k', 'length', 'batch',
                                                'dim', 'taps', 'silu', 'threads')] +
-                [(k, ctypes.c_void_p) for k in ('out', 'dx', 'dweight', 'dbias', 'x_rows')])
+                [(k, ctypes.c_void_p) for k in ('out', 'dx', 'dweight', 'dbias', 'x_rows', 'dx_rows')])
 
 
 _ENTRY_POINTS = {'rsm_scan_forward': _ScanArgs, 'rsm_scan_backward': _ScanArgs,
@@ -321,12 +321,25 @@ def _check_order(name: str, source: Tensor, order: Optional[Tensor]) -> None:
 def _row_offsets(tensor: Tensor, order: Tensor, per_path: bool = False) -> Tensor:
     """(L, paths * B) element offsets, for every position l and sequence p * B + b, of row order[l, p] of
     sequence b of ``tensor`` (L, B, C): what the kernels read through instead of a gathered copy. ``per_path``:
-    of sequence p * B + b of ``tensor`` (L, paths * B, C) instead, where the scan puts each path's outputs back
-    in token order."""
+    of sequence b of path p of ``tensor`` (L, paths, B, C) instead (any strides), where a kernel puts each path's
+    rows back in token order."""
     sequences = torch.arange(tensor.shape[1], device=order.device) * tensor.stride(1)
     if per_path:
-        sequences = sequences.view(order.shape[1], -1)
+        sequences = sequences[:, None] + torch.arange(tensor.shape[2], device=order.device) * tensor.stride(2)
     return (order[:, :, None] * tensor.stride(0) + sequences).flatten(1).contiguous()
+
+
+def _path_planes_shape(source: Tensor, order: Optional[Tensor]) -> Tuple[int, ...]:
+    """The shape of a gradient of ``source`` (L, B, C) read through ``order``: one plane per path, (paths, L, B, C)
+    (without an order, the source's own shape)."""
+    return tuple(source.shape) if order is None else (order.shape[1], *source.shape)
+
+
+def _plane_rows(planes: Tensor, order: Optional[Tensor]) -> Optional[Tensor]:
+    """The rows a kernel writes sequence p * B + b of a per-path gradient through: plane p of ``planes``
+    (paths, L, B, C), back in the source's order. The planes then add up to the source's gradient with no
+    gather (`sum_path_planes`)."""
+    return None if order is None else _row_offsets(planes.transpose(0, 1), order, per_path=True)
 
 
 def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
@@ -398,7 +411,7 @@ def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optiona
     if target.shape[1] % out_order.shape[1]:
         raise ValueError(f'{name}: {target.shape[1]} sequences do not split into the {out_order.shape[1]} paths '
                          f'of out_order')
-    return _row_offsets(target, out_order, per_path=True)
+    return _row_offsets(target.unflatten(1, (out_order.shape[1], -1)), out_order, per_path=True)
 
 
 def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
@@ -420,19 +433,22 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        out_order: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
     d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient.
-    With ``z_order``, dz is per token order, (L, batch, dim) like u: summing it back is autograd's step. With
-    ``out_order``, dout is in token order as the forward's out was, and read through it."""
+    With ``z_order``, dz is per token order, each back in the source's order: (paths, L, batch / paths, dim), a
+    plane per path; summing them is autograd's step. With ``out_order``, dout is in token order as the
+    forward's out was, and read through it."""
     (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     expected = (_chunks(u.shape[0], chunk_len), A.shape[1], *u.shape[1:])
     if tuple(starts.shape) != expected:
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
                          f'{tuple(starts.shape)} (run the forward with save_starts=True)')
-    grads = _scan_grads(u, A, B, D, z, delta_bias)
+    grads = _scan_grads(u, A, B, D, z, delta_bias, z_order)
+    dz_rows = _plane_rows(grads[6], z_order) if z is not None else None
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
     dout_rows = _out_rows('selective_scan_bwd', dout, out_order)
     args.starts, args.dout, args.dlast, args.out_rows = _ptr(starts), _ptr(dout), _ptr(dlast), _ptr(dout_rows)
+    args.dz_rows = _ptr(dz_rows)
     args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
     for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias'), grads,
                               (u, u, A, B, C, D, z, delta_bias)):
@@ -441,31 +457,38 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return grads
 
 
-def _scan_grads(u, A, B, D, z, delta_bias) -> List[Tensor]:
+def _scan_grads(u, A, B, D, z, delta_bias, z_order) -> List[Tensor]:
     def like(t, shape):
         return u.new_empty(shape if t is not None else (0,))
+    dz_shape = _path_planes_shape(z, z_order) if z is not None else None
     return [u.new_empty(u.shape), u.new_empty(u.shape), u.new_empty(A.shape), u.new_empty(B.shape),
-            u.new_empty(B.shape), like(D, u.shape[2:]), like(z, u.shape), like(delta_bias, u.shape[2:])]
+            u.new_empty(B.shape), like(D, u.shape[2:]), like(z, dz_shape), like(delta_bias, u.shape[2:])]
 
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None):
-    return _scan_grads(u, A, B, D, z, delta_bias)
+    return _scan_grads(u, A, B, D, z, delta_bias, z_order)
 
 
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order, out_order = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order, out_order)
     ctx.softplus, ctx.chunk_len = softplus, chunk_len
+    # the chunk-start states are the backward's own, and the last state is seldom used: autograd would hand
+    # the backward zeros of their shapes (filling 29 MB per block for the states: rsmamba_base, batch 8)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _scan_backward(ctx, dout, _dstarts, dlast):
     u, delta, A, B, C, D, z, delta_bias, starts, z_order, out_order = ctx.saved_tensors
+    if dout is None:  # only the last state reached the loss
+        dout = u.new_zeros(u.shape)
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
                                ctx.chunk_len, z_order, out_order)
     du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
     if z is not None and z_order is not None:
-        dz = scatter_token_orders(dz, z_order)
+        dz = sum_path_planes(dz)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             d_bias if delta_bias is not None else None, None, None, None, None, None)
 
@@ -523,19 +546,22 @@ def _(x, weight, bias, silu, order=None):
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
                       silu: bool, order: Optional[Tensor] = None) -> List[Tensor]:
     """dx, dweight and dbias (empty without a bias) of `causal_conv1d_fwd`, the pre-activation re-computed.
-    With ``order``, dx is per token order, shaped like the output: summing it back is autograd's step."""
+    With ``order``, dx is per token order, each back in x's order: (paths, L, batch, dim), a plane per path;
+    summing them is autograd's step."""
     x, weight, bias, x_rows = _conv_inputs(x, weight, bias, order)
     dout = _unit_last_stride(dout)
     grads = _conv_grads(x, weight, bias, order)
     args = _conv_args(x, weight, bias, silu, order, x_rows)
     args.dout, args.dout_t, args.dout_b = _ptr(dout), dout.stride(0), dout.stride(1)
     args.dx, args.dweight, args.dbias = _ptr(grads[0]), _ptr(grads[1]), _ptr(grads[2]) if bias is not None else None
+    dx_rows = _plane_rows(grads[0], order)
+    args.dx_rows = _ptr(dx_rows)
     _call('rsm_conv_backward', x, args)
     return grads
 
 
 def _conv_grads(x, weight, bias, order) -> List[Tensor]:
-    return [_conv_output(x, order), x.new_empty(weight.shape),
+    return [x.new_empty(_path_planes_shape(x, order)), x.new_empty(weight.shape),
             x.new_empty(weight.shape[:1] if bias is not None else 0)]
 
 
@@ -554,7 +580,7 @@ def _conv_backward(ctx, dout):
     x, weight, bias, order = ctx.saved_tensors
     dx, dweight, dbias = causal_conv1d_bwd(x, weight, bias, dout, ctx.silu, order)
     if order is not None:
-        dx = scatter_token_orders(dx, order)
+        dx = sum_path_planes(dx)
     return dx, dweight, dbias if bias is not None else None, None, None
 
 

@@ -26,7 +26,9 @@
 // z, and the conv's x, may instead be read through a table of row offsets (z_rows, x_rows: (L, batch) element
 // offsets): the model's token orders, read straight from the un-reordered tensor with no gathered copy of it.
 // Likewise out may be written (and dout read) through out_rows: each sequence's outputs put back in token order
-// as they are stored, with no gathered copy after the scan either.
+// as they are stored, with no gathered copy after the scan either. And the backward may write dz and the conv's
+// dx through dz_rows, dx_rows: each token order's gradient put back in the source's order as it is stored, so
+// that summing the orders' gradients is a plain sum of planes (no gather of each before it).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -69,14 +71,16 @@ struct rsm_scan_args {
   void *du, *ddelta, *dz, *dA, *dB, *dC, *dD, *ddelta_bias;  // backward outputs; dz, dD, ddelta_bias may be null
   const int64_t* z_rows;  // (L, batch): z's row of each position and sequence, as an element offset; null: strides
   const int64_t* out_rows;  // (L, batch): the same for out (forward) and dout (backward); null: contiguous, strides
+  const int64_t* dz_rows;   // (L, batch): where the backward writes dz of each position and sequence; null: contiguous
 };
 
 struct rsm_conv_args {
   const void *x, *weight, *bias, *dout;  // x, dout (L, batch, dim); weight (dim, taps); bias (dim,) may be null
   int64_t x_t, x_b, dout_t, dout_b, w_d, w_k;
   int64_t length, batch, dim, taps, silu, threads;
-  void *out, *dx, *dweight, *dbias;  // contiguous: out, dx (L, batch, dim); dweight (dim, taps); dbias (dim,)
+  void *out, *dx, *dweight, *dbias;  // out, dx (L, batch, dim) contiguous (dx unless dx_rows); dweight (dim, taps)
   const int64_t* x_rows;  // (L, batch): x's row of each position and sequence, as an element offset; null: strides
+  const int64_t* dx_rows;  // (L, batch): where the backward writes dx of each position and sequence; null: contiguous
 };
 
 }  // extern "C"
@@ -355,7 +359,7 @@ struct Partials {
 template <typename T>
 struct Scan {
   const T *u, *delta, *z, *B, *C, *D, *bias, *dout, *dlast;
-  const int64_t *z_rows, *out_rows;
+  const int64_t *z_rows, *out_rows, *dz_rows;
   std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
   int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, dout_t, dout_b;
   int64_t length, batch, dim, n, chunk_len, threads, blocks, plane;
@@ -365,7 +369,8 @@ struct Scan {
       : u(static_cast<const T*>(a.u)), delta(static_cast<const T*>(a.delta)), z(static_cast<const T*>(a.z)),
         B(static_cast<const T*>(a.B)), C(static_cast<const T*>(a.C)), D(static_cast<const T*>(a.D)),
         bias(static_cast<const T*>(a.delta_bias)), dout(static_cast<const T*>(a.dout)),
-        dlast(static_cast<const T*>(a.dlast)), z_rows(a.z_rows), out_rows(a.out_rows), A(a.n_state * a.dim),
+        dlast(static_cast<const T*>(a.dlast)), z_rows(a.z_rows), out_rows(a.out_rows), dz_rows(a.dz_rows),
+        A(a.n_state * a.dim),
         A2(a.n_state * a.dim),
         u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
         B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
@@ -393,6 +398,8 @@ struct Scan {
   const T* dout_row(int64_t t, int64_t b) const {
     return dout + (out_rows ? out_rows[t * batch + b] : t * dout_t + b * dout_b);
   }
+  // where the backward writes dz of position t of sequence b
+  int64_t dz_row(int64_t t, int64_t b) const { return dz_rows ? dz_rows[t * batch + b] : (t * batch + b) * dim; }
 };
 
 // The work of one call cut into items of one sequence and a range of its channel blocks: whole sequences when
@@ -747,7 +754,7 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
       store_output<kFull>(p.around_cache, du + row, gb * r.deltas[at] + dy * D, lanes);
       store_output<kFull>(p.around_cache, ddelta + row, dd, lanes);
       if (p.z) {
-        store_output<kFull>(p.around_cache, dz + row, r.dz_dys[at] * r.ys[at], lanes);
+        store_output<kFull>(p.around_cache, dz + p.dz_row(t, b) + d0, r.dz_dys[at] * r.ys[at], lanes);
       }
       add_to<kFull>(dD + d0, dy * u, lanes);
       add_to<kFull>(dbias + d0, dd, lanes);
@@ -827,14 +834,14 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
 template <typename T>
 struct Conv {
   const T *x, *bias, *dout;
-  const int64_t* x_rows;
+  const int64_t *x_rows, *dx_rows;
   std::vector<T> weight_t;  // (taps, dim)
   int64_t x_t, x_b, dout_t, dout_b, length, batch, dim, taps, threads;
   bool silu;
 
   explicit Conv(const rsm_conv_args& a)
       : x(static_cast<const T*>(a.x)), bias(static_cast<const T*>(a.bias)), dout(static_cast<const T*>(a.dout)),
-        x_rows(a.x_rows), weight_t(a.taps * a.dim), x_t(a.x_t), x_b(a.x_b), dout_t(a.dout_t), dout_b(a.dout_b),
+        x_rows(a.x_rows), dx_rows(a.dx_rows), weight_t(a.taps * a.dim), x_t(a.x_t), x_b(a.x_b), dout_t(a.dout_t), dout_b(a.dout_b),
         length(a.length), batch(a.batch), dim(a.dim), taps(a.taps), threads(a.threads), silu(a.silu != 0) {
     const T* w = static_cast<const T*>(a.weight);
     for (int64_t k = 0; k < taps; ++k) {
@@ -844,6 +851,8 @@ struct Conv {
 
   // x's row for position t of sequence b: through x_rows where the caller reads x in another token order
   const T* x_row(int64_t t, int64_t b) const { return x + (x_rows ? x_rows[t * batch + b] : t * x_t + b * x_b); }
+  // where the backward writes dx of position t of sequence b
+  int64_t dx_row(int64_t t, int64_t b) const { return dx_rows ? dx_rows[t * batch + b] : (t * batch + b) * dim; }
 };
 
 // x's rows of one sequence at positions first .. last - 1 (none before the sequence starts), looked up once for
@@ -914,6 +923,8 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
   const int64_t t1 = std::min(p.length, t0 + kConvTile), window = std::min(p.length, t1 + p.taps - 1);
   for (int64_t b = 0; b < p.batch; ++b) {
     const ConvRows<T> rows(p, b, t0 - (p.taps - 1), window);
+    T* dx_at[kConvTile];
+    for (int64_t t = t0; t < t1; ++t) dx_at[t - t0] = dx + p.dx_row(t, b);
     for (int64_t t = t0; t < window; ++t) {
       const T* const* taps = rows.taps_of(p, t);
       const int64_t k0 = first_tap(p, t);
@@ -937,7 +948,7 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
           if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
           if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
         }
-        store<kFull>(dx + (t * p.batch + b) * p.dim + d0, acc, lanes);
+        store<kFull>(dx_at[t - t0] + d0, acc, lanes);
         db = db + gt;
       }
       for (int64_t k = 0; k < p.taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
