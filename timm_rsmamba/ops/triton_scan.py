@@ -369,8 +369,6 @@ def _setup_scan(ctx, inputs, output):
 
 def _scan_backward(ctx, dout, _dstates, _dlast):
     u, delta, A, B, C, D, z, delta_bias, z_order, states = ctx.saved_tensors
-    if dout is None:  # the loss did not use the output
-        dout = u.new_zeros(u.shape[2], u.shape[0], u.shape[1])
     du, ddelta, dz, dA, dB, dC, dD, dbias = selective_scan_bwd(
         dout, u, delta, A, B, C, D, z, delta_bias, z_order, states, ctx.softplus, ctx.chunk)
     if z is not None and z_order is not None:

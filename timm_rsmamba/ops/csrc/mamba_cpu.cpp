@@ -370,8 +370,7 @@ struct Scan {
         B(static_cast<const T*>(a.B)), C(static_cast<const T*>(a.C)), D(static_cast<const T*>(a.D)),
         bias(static_cast<const T*>(a.delta_bias)), dout(static_cast<const T*>(a.dout)),
         dlast(static_cast<const T*>(a.dlast)), z_rows(a.z_rows), out_rows(a.out_rows), dz_rows(a.dz_rows),
-        A(a.n_state * a.dim),
-        A2(a.n_state * a.dim),
+        A(a.n_state * a.dim), A2(a.n_state * a.dim),
         u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
         B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
         batch(a.batch), dim(a.dim), n(a.n_state), chunk_len(a.chunk_len), threads(std::max<int64_t>(1, a.threads)),
@@ -841,8 +840,9 @@ struct Conv {
 
   explicit Conv(const rsm_conv_args& a)
       : x(static_cast<const T*>(a.x)), bias(static_cast<const T*>(a.bias)), dout(static_cast<const T*>(a.dout)),
-        x_rows(a.x_rows), dx_rows(a.dx_rows), weight_t(a.taps * a.dim), x_t(a.x_t), x_b(a.x_b), dout_t(a.dout_t), dout_b(a.dout_b),
-        length(a.length), batch(a.batch), dim(a.dim), taps(a.taps), threads(a.threads), silu(a.silu != 0) {
+        x_rows(a.x_rows), dx_rows(a.dx_rows), weight_t(a.taps * a.dim), x_t(a.x_t), x_b(a.x_b), dout_t(a.dout_t),
+        dout_b(a.dout_b), length(a.length), batch(a.batch), dim(a.dim), taps(a.taps), threads(a.threads),
+        silu(a.silu != 0) {
     const T* w = static_cast<const T*>(a.weight);
     for (int64_t k = 0; k < taps; ++k) {
       for (int64_t d = 0; d < dim; ++d) weight_t[k * dim + d] = w[d * a.w_d + k * a.w_k];
