@@ -387,8 +387,9 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     ``out_order`` (L, paths), sequence p * (batch / paths) + b of out is put back in token order: its position
     l is written to row out_order[l, p].
 
-    Returns out (L, batch, dim), the state at each chunk start (chunks, state, batch, dim) (empty unless
-    ``save_starts``: what the backward re-computes from) and the last state (state, batch, dim).
+    Returns out (L, batch, dim), the state at each chunk start (chunks, batch, dim * state) (empty unless
+    ``save_starts``: what the backward re-computes from, in the kernels' own order) and the last state
+    (state, batch, dim).
     """
     (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
     out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
@@ -414,10 +415,16 @@ def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optiona
     return _row_offsets(target.unflatten(1, (out_order.shape[1], -1)), out_order, per_path=True)
 
 
+def _starts_shape(length: int, batch: int, dim: int, n: int, chunk_len: int) -> Tuple[int, ...]:
+    # each sequence's states of a chunk start in one row, each block of channels' states side by side (see the
+    # source's Scan::chunk_start): the forward writes and the backward reads them a block at a time
+    return _chunks(length, chunk_len), batch, dim * n
+
+
 def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
     length, batch, dim = u.shape
     n = A.shape[1]
-    starts = u.new_empty(_chunks(length, chunk_len), n, batch, dim) if save_starts else u.new_empty(0)
+    starts = u.new_empty(_starts_shape(length, batch, dim, n, chunk_len)) if save_starts else u.new_empty(0)
     return u.new_empty(length, batch, dim), starts, u.new_empty(n, batch, dim)
 
 
@@ -437,7 +444,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     plane per path; summing them is autograd's step. With ``out_order``, dout is in token order as the
     forward's out was, and read through it."""
     (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
-    expected = (_chunks(u.shape[0], chunk_len), A.shape[1], *u.shape[1:])
+    expected = _starts_shape(*u.shape, A.shape[1], chunk_len)
     if tuple(starts.shape) != expected:
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
                          f'{tuple(starts.shape)} (run the forward with save_starts=True)')
