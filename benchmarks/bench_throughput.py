@@ -179,8 +179,10 @@ def _sync(device):
 def _prepare(spec, mode, args):
     """The row's model, built and warmed up: (one step of ``mode``, a function returning the row's numbers
     for a time per step)."""
-    # as train.py: lean for checkpointed training (memory first; set through the child's environment), else pinned
-    configure_malloc(args.malloc, memory_first=mode == 'train' and (spec['ckpt'] or spec.get('ckpt_train', False)))
+    # as train.py: lean for checkpointed training (memory first; set through the child's environment), else pinned;
+    # as validate.py and inference.py: eval on huge pages
+    configure_malloc(args.malloc, memory_first=mode == 'train' and (spec['ckpt'] or spec.get('ckpt_train', False)),
+                     huge_pages=mode == 'eval')
     import torch
     import torch.nn.functional as F
 

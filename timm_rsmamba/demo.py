@@ -197,7 +197,7 @@ def main(argv=None):
         _fail('no model: pass --checkpoint FILE (a train.py checkpoint) or --model hf-hub:ORG/REPO | '
               'local-dir:DIR (in a Space, set RSMAMBA_DEMO_MODEL or RSMAMBA_DEMO_CHECKPOINT; docs/demo.md)')
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    configure_malloc(args.malloc)
+    configure_malloc(args.malloc, huge_pages=True)
     try:
         classifier = Classifier.load(args.checkpoint, args.model, args.pretrained or not args.checkpoint,
                                      args.class_map, device)

@@ -316,7 +316,7 @@ def run_validation(args) -> OrderedDict:
     Under torchrun each rank evaluates its share; predictions are gathered and the sampler's padding
     duplicates dropped, so the metrics equal a single-process run's exactly.
     """
-    configure_malloc(args.malloc)
+    configure_malloc(args.malloc, huge_pages=True)
     device = resolve_device(args)
     em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
                           args.img_size, args.in_chans, args.use_ema)
@@ -498,7 +498,7 @@ def run_inference(args):
     """Predict every input image; returns a pandas DataFrame with one row per image (timm inference layout)."""
     import numpy as np
     import pandas as pd
-    configure_malloc(args.malloc)
+    configure_malloc(args.malloc, huge_pages=True)
     device = resolve_device(args)
     em = build_eval_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.model_kwargs,
                           args.img_size, args.in_chans)
