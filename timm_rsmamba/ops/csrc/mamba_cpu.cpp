@@ -188,16 +188,40 @@ inline void add_to(T* p, Vec<T> v, int lanes) {
 
 // ---- float32 math: inlined polynomials -------------------------------------------------------------------
 
-// 2^x = 2^k 2^f, x = k + f with k an integer and |f| <= 1/2. Adding 1.5 * 2^23 rounds x to k and leaves k
-// in the low mantissa bits (two's complement); 2^f is a degree-5 polynomial fitted for relative error (Lawson
-// iterations on [-1/2, 1/2]): within 2.5e-7 of 2^f after float rounding. x = a b: with -ffp-contract=fast
-// both uses of a b fuse into FMAs, so the fraction is exact.
-constexpr float kShift = 12582912.0f;
 constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^(a b). kGuarded: any a b; below -125.5 the result is 0 (no denormals), above 127.5 +inf. Unguarded, the
 // caller guarantees -125.5 <= a b <= 127.5, two to three instructions fewer: the decays of a tile whose
-// deltas keep delta A in range (`decays_in_range`), nearly all of them.
+// deltas keep delta A in range (`decays_in_range`), nearly all of them. 2^x = 2^k 2^f with k an integer, 2^f a
+// degree-5 polynomial fitted for relative error (Lawson iterations).
+#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
+// AVX-512: f = x - floor(x) in [0, 1) in one instruction (vreduceps), and vscalefps multiplies by 2^floor(x):
+// 8 operations for the FMA ports where the form below takes 9, and the scan's forward 0.93x on a Xeon, whose
+// AVX-512 states' loop waits on those two ports. The polynomial is within 1.5e-7 of 2^f after float rounding;
+// x = a b rounded once (as exp2f(delta A log2 e) rounds it in the CUDA kernels) puts 2^x off by 4e-8 |x| relatively.
+template <bool kGuarded>
+inline vfloat pow2_of_product(vfloat a, vfloat b) {
+  const vfloat x = a * b;
+  const vfloat f = (vfloat)_mm512_reduce_ps((__m512)x, _MM_FROUND_TO_NEG_INF);
+  vfloat p = f * 0.0018775769276544452f + 0.008989340625703335f;
+  p = p * f + 0.05582631751894951f;
+  p = p * f + 0.24015361070632935f;
+  p = p * f + 0.6931530833244324f;
+  p = p * f + 0.9999999403953552f;
+  if constexpr (kGuarded) {  // zeroed (masked) below the range
+    const __mmask16 normal = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.5f), _CMP_GE_OQ);
+    const vfloat r = (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, (__m512)x);
+    return x > 127.5f ? splat<vfloat>(__builtin_inff()) : r;
+  }
+  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)x);
+}
+#else
+// |f| <= 1/2: adding 1.5 * 2^23 rounds x to k and leaves k in the low mantissa bits (two's complement). x = a b:
+// with -ffp-contract=fast both uses of a b fuse into FMAs, so the fraction is exact (x = a b rounded first, to
+// take an FMA off, was 2-5% slower on a Zen 4 and no faster on a Xeon, AVX2 builds). The polynomial is within
+// 2.5e-7 of 2^f after float rounding.
+constexpr float kShift = 12582912.0f;
+
 template <bool kGuarded>
 inline vfloat pow2_of_product(vfloat a, vfloat b) {
   const vfloat t = a * b + kShift;
@@ -208,15 +232,6 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
   p = p * f + 0.24022120237350464f;
   p = p * f + 0.6931469440460205f;
   p = p * f + 1.0000001192092896f;
-#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
-  // vscalefps: p 2^k in one instruction, zeroed (masked) below the range
-  if constexpr (kGuarded) {
-    const __mmask16 normal = _mm512_cmp_ps_mask((__m512)k, _mm512_set1_ps(-125.5f), _CMP_GE_OQ);
-    const vfloat r = (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, (__m512)k);
-    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r;
-  }
-  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)k);
-#else
   // 2^k p: k shifted into the exponent field and added to p's, two integer ops in place of a multiply (the
   // FMA units are what the states' loop waits on: the AVX2 build's scan forward 3% faster on a Zen 4)
   const vfloat r = (vfloat)((vint)p + ((vint)t << 23));
@@ -225,8 +240,8 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
     return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
   }
   return r;
-#endif
 }
+#endif
 
 // log(1 + w) for w in [0, 1]: w q(w), q a degree-8 polynomial fitted for relative error (Lawson iterations):
 // within 3e-8 of log1p, 2.5e-7 after float rounding. No division, unlike the atanh series.
