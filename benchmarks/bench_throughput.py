@@ -18,6 +18,8 @@ Rows, per RSMamba model in --models:
              (model_stats.original_block_forward); steps as the reference, trained without
              checkpointing as the original is: it stops at --rss-limit-gb
   floor      the scan replaced by an identity that does no recurrence (model_stats.identity_scan)
+  floor_no_dt_proj: the floor without dt_proj's matrix product either (delta is never projected), which
+             ours does inside the C++ scan: the floor of the scan and that projection together
   ours_gather, floor_gather: the same with the token orders gathered into a copy first
              ($RSMAMBA_TOKEN_ORDER=gather), instead of read through the index by the C++ conv and scan
   triton     the Triton scan and conv (what auto picks on CUDA); triton_gather: the token orders gathered
@@ -69,12 +71,14 @@ BACKEND_ROWS = {
     'compiled': dict(scan_backend='compiled', conv_backend='torch'),
     'chunked': dict(scan_backend='chunked', conv_backend='torch'),
     'floor': dict(scan_backend='identity'),
+    'floor_no_dt_proj': dict(scan_backend='identity_no_dt_proj'),
     'fused': dict(scan_backend='mamba_ssm', conv_backend='causal_conv1d'),
 }
 TRITON_ROWS = {'triton': {}, 'triton_gather': {'RSMAMBA_TOKEN_ORDER': 'gather'},
                'triton_keep_y': {'RSMAMBA_GATE_RECOMPUTE': '0'}}  # row -> environment of its children
 GATHER_ROWS = {'ours_gather': 'ours', 'floor_gather': 'floor'}  # row -> the row it runs with gathered orders
-RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', *GATHER_ROWS,
+RSMAMBA_ROWS = ('ours', 'ours_ckpt', 'compiled', 'chunked', 'reference', 'original', 'floor', 'floor_no_dt_proj',
+                *GATHER_ROWS,
                 *TRITON_ROWS, 'fused')
 ALL_ROWS = RSMAMBA_ROWS + tuple(PEERS)
 DEFAULT_ROWS = {
@@ -671,6 +675,9 @@ def print_ratios(results, flops, args, device_type):
         ratio('eval time over the no-scan floor (ours ms/img / floor ms/img - 1)', 'ours', 'floor', 'eval',
               ('<= +60%', lambda r: r <= 1.6), pct)
         ratio('train time over the no-scan floor', 'ours', 'floor', 'train', ('<= +40%', lambda r: r <= 1.4), pct)
+        for mode in ('eval', 'train'):
+            ratio(f'{mode} time over the floor without dt_proj (the scan and the projection of delta)', 'ours',
+                  'floor_no_dt_proj', mode, fmt_=pct)
         if device_type == 'cuda':
             ratio('train img/s fused (ours) / pure PyTorch (compiled)', 'compiled', 'ours', 'train',
                   ('pure PyTorch within 3x', lambda r: r <= 3))

@@ -107,6 +107,57 @@ def test_cpu_kernel_matches_reference_values_and_grads(shape, chunk, opts):
     torch.testing.assert_close(h_new, h_ref, rtol=1e-5, atol=1e-5)
 
 
+def with_low_rank_dt(x, rank):
+    """The inputs with delta replaced by a low-rank dt (batch, rank, L) and a projection (dim, rank)."""
+    b, d, L = x['u'].shape
+    g = torch.Generator().manual_seed(rank)
+    return dict(x, delta=torch.randn(b, rank, L, generator=g),
+                delta_proj_weight=torch.randn(d, rank, generator=g) * 0.5 / rank ** 0.5)
+
+
+def reference_of_projected_delta(delta, delta_proj_weight, **rest):
+    """The sequential reference on delta = W dt, projected by einsum."""
+    return selective_scan_reference(delta=torch.einsum('dr,brl->bdl', delta_proj_weight, delta), **rest)
+
+
+@pytest.mark.parametrize('shape,rank,chunk', [
+    ((2, 20, 45, 16), 5, 8),    # a full and a partial block; 45 positions: a tile, rows of 8 and a tail
+    ((1, 70, 50, 19), 3, 7),    # one sequence cut into ranges of blocks (an item's blocks start past 0)
+    ((2, 6, 1, 16), 4, None),   # a single position
+    ((1, 16, 300, 16), 48, 32),  # rsmamba's rank, many tiles and chunks
+])
+@pytest.mark.parametrize('backend', ['cpu_kernel', 'chunked'])
+def test_scan_projects_a_low_rank_delta(shape, rank, chunk, backend):
+    """delta_proj_weight: the C++ scan projects dt itself, tile by tile (forward and backward), the others get
+    it projected first (by `selective_scan`); the values and every gradient, dt's and the weight's included,
+    as the reference's on the einsum-projected delta."""
+    x = with_low_rank_dt(make_inputs(*shape), rank)
+    if backend == 'cpu_kernel':
+        assert_matches_reference(x, selective_scan_cpu_kernel, reference_of_projected_delta, chunk_len=chunk)
+    else:
+        assert_matches_reference(x, selective_scan, reference_of_projected_delta, backend=backend)
+
+
+def test_cpu_kernel_projected_delta_gradcheck_float64():
+    """float64 gradcheck of the C++ scan projecting dt, z read and y written through token orders."""
+    order = token_orders(5)
+    s = with_low_rank_dt(make_inputs(6, 3, 5, 2, dtype=torch.float64), 2)
+    s = {k: v.double().requires_grad_() for k, v in s.items()}
+    s['z'] = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    names = list(s)
+    assert torch.autograd.gradcheck(
+        lambda *args: selective_scan(**dict(zip(names, args)), delta_softplus=True, backend='cpu_kernel',
+                                     z_order=order, out_order=order), tuple(s.values()))
+
+
+def test_cpu_kernel_refuses_a_projection_of_the_wrong_shape():
+    x = with_low_rank_dt(make_inputs(2, 6, 9, 4), 3)
+    with pytest.raises(ValueError, match=r'low-rank dt \(L, batch, rank\)'):
+        selective_scan(**dict(x, delta_proj_weight=torch.randn(6, 4)), delta_softplus=True, backend='cpu_kernel')
+    with pytest.raises(ValueError, match=r'delta \(9, 2, 3\) does not match u'):
+        selective_scan(**dict(x, delta_proj_weight=None), delta_softplus=True, backend='cpu_kernel')
+
+
 @pytest.mark.parametrize('loss_on', ['output and last state', 'last state only', 'output only'])
 def test_cpu_kernel_last_state_is_differentiable(loss_on):
     """A loss on the last state: its gradient enters the C++ backward as the carry into the last position. The
@@ -254,11 +305,11 @@ def test_conv_compile_failure_falls_back_to_eager(monkeypatch):
     assert not kernels.usable
 
 
-def assert_matches_reference(x, scan_fn, **kwargs):
+def assert_matches_reference(x, scan_fn, reference=selective_scan_reference, **kwargs):
     """Values within 1e-5 and gradients of every input within 1e-4 (relative to the largest) of the reference."""
     xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
     xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    y_ref = selective_scan_reference(**xs_ref, delta_softplus=True)
+    y_ref = reference(**xs_ref, delta_softplus=True)
     y_new = scan_fn(**xs_new, delta_softplus=True, **kwargs)
     torch.testing.assert_close(y_new, y_ref, rtol=1e-5, atol=1e-5)
     weight = torch.randn_like(y_ref)

@@ -14,6 +14,7 @@ using Array = std::vector<double>;
 struct ScanCase {
   int64_t L, batch, dim, n, chunk;
   bool softplus, with_z, with_dlast;
+  int64_t rank = 0;  // > 0: the kernel projects delta from a low-rank dt itself (delta_proj)
 };
 
 double softplus_ref(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
@@ -21,10 +22,11 @@ double sigmoid_ref(double x) { return 1 / (1 + std::exp(-x)); }
 
 struct ScanData {
   // u, delta, z, dout (L, batch, dim) contiguous; B and C interleaved in one (L, batch, 2 n + 3) array, as
-  // the slices of x_proj's output the mixer passes; A (dim, n); D, bias (dim); dlast (n, batch, dim)
-  Array u, delta, z, dout, BC, A, D, bias, dlast;
-  int64_t bc_row;
-  ScanData(const ScanCase& c, std::mt19937& g) : bc_row(2 * c.n + 3) {
+  // the slices of x_proj's output the mixer passes; A (dim, n); D, bias (dim); dlast (n, batch, dim). With a
+  // rank, delta = dt W^T: dt (L, batch, rank) in rows of rank + 3, W (dim, rank)
+  Array u, delta, z, dout, BC, A, D, bias, dlast, dt, W;
+  int64_t bc_row, dt_row;
+  ScanData(const ScanCase& c, std::mt19937& g) : bc_row(2 * c.n + 3), dt_row(c.rank + 3) {
     std::normal_distribution<double> N(0, 1);
     std::uniform_real_distribution<double> U(0.1, 3);
     const int64_t rows = c.L * c.batch * c.dim;
@@ -34,6 +36,19 @@ struct ScanData {
     }
     delta.resize(rows);
     for (auto& x : delta) x = c.softplus ? N(g) * 0.7 - 0.5 : U(g) * 0.3;
+    if (c.rank) {
+      dt.resize(c.L * c.batch * dt_row);
+      W.resize(c.dim * c.rank);
+      for (auto& x : dt) x = c.softplus ? N(g) : U(g);
+      for (auto& x : W) x = (c.softplus ? N(g) * 0.7 : U(g) * 0.3) / c.rank;
+      for (int64_t tb = 0; tb < c.L * c.batch; ++tb) {
+        for (int64_t d = 0; d < c.dim; ++d) {
+          double sum = 0;
+          for (int64_t q = 0; q < c.rank; ++q) sum += dt[tb * dt_row + q] * W[d * c.rank + q];
+          delta[tb * c.dim + d] = sum;
+        }
+      }
+    }
     BC.resize(c.L * c.batch * bc_row);
     for (auto& x : BC) x = N(g);
     A.resize(c.dim * c.n);
@@ -119,7 +134,7 @@ std::vector<T> as(const Array& a) {
 template <typename T>
 ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   const int64_t rows = c.L * c.batch * c.dim, chunks = (c.L + c.chunk - 1) / c.chunk;
-  std::vector<T> u = as<T>(x.u), delta = as<T>(x.delta), z = as<T>(x.z), dout = as<T>(x.dout), BC = as<T>(x.BC),
+  std::vector<T> u = as<T>(x.u), delta = as<T>(c.rank ? x.dt : x.delta), W = as<T>(x.W), z = as<T>(x.z), dout = as<T>(x.dout), BC = as<T>(x.BC),
                  A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias), dlast = as<T>(x.dlast);
   std::vector<T> out(rows), last(c.n * c.batch * c.dim), starts(chunks * c.n * c.batch * c.dim), du(rows),
       ddelta(rows), dz(rows), dA(c.dim * c.n), dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
@@ -134,6 +149,12 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   a.delta_bias = bias.data();
   a.u_t = a.delta_t = a.z_t = a.dout_t = c.batch * c.dim;
   a.u_b = a.delta_b = a.z_b = a.dout_b = c.dim;
+  if (c.rank) {
+    a.delta_t = c.batch * x.dt_row;
+    a.delta_b = x.dt_row;
+    a.delta_proj = W.data();
+    a.rank = c.rank;
+  }
   a.B_t = a.C_t = c.batch * x.bc_row;
   a.B_b = a.C_b = x.bc_row;
   a.A_d = c.n;
@@ -284,6 +305,10 @@ int main() {
     check_scan("19 states, chunk 5", ScanCase{37, 2, 37, 19, 5, true, true, false}, 2e-5, 1e-11);
     check_scan("no softplus, no z", ScanCase{30, 2, 20, 4, 7, false, false, true}, 2e-5, 1e-11);
     check_scan("one sequence", ScanCase{50, 1, 70, 16, 16, true, true, true}, 2e-5, 1e-11);
+    // delta projected in the kernel: 37 positions (tiles of 32, rows of 8 and a tail), 70 channels (one
+    // sequence's blocks split into ranges, a partial block)
+    check_scan("delta projected", ScanCase{37, 3, 20, 16, 16, true, true, true, 6}, 2e-5, 1e-11);
+    check_scan("delta projected, one sequence", ScanCase{37, 1, 70, 16, 8, true, true, false, 5}, 2e-5, 1e-11);
   }
   for (bool silu : {true, false}) {
     check_conv_precision<float>(37, 3, 20, 4, silu, 2e-5);

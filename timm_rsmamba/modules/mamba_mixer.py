@@ -3,7 +3,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import causal_conv1d, resolve_conv_backend, resolve_scan_backend, selective_scan, triton_support
@@ -103,9 +102,10 @@ class MambaMixer(nn.Module):
             activation='silu', backend=self.conv_backend, order=order)
         x_tm = x.permute(2, 0, 1)
         dt, B, C = self.x_proj(x_tm).split([R, S, S], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # the bias goes in as delta_bias, as the fused kernel wants
+        # dt_proj's weight goes in for the scan to project dt with (the C++ scan does it in its tiles, the others
+        # get delta projected first), its bias as delta_bias, as the fused kernel wants
         y = selective_scan(
-            x, channel_major(delta), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
+            x, channel_major(dt), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
             D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.scan_backend, z_order=order, out_order=out_order)
+            backend=self.scan_backend, z_order=order, out_order=out_order, delta_proj_weight=self.dt_proj.weight)
         return y.permute(2, 0, 1)

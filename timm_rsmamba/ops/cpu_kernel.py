@@ -200,7 +200,8 @@ class _ScanArgs(ctypes.Structure):
                 [(k, ctypes.c_void_p) for k in ('out', 'starts', 'last', 'dout', 'dlast')] +
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
                 [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
-                                                'z_rows', 'out_rows', 'dz_rows')])
+                                                'z_rows', 'out_rows', 'dz_rows', 'delta_proj')] +
+                [('rank', ctypes.c_int64)])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -349,10 +350,12 @@ def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
 # ---- the scan ------------------------------------------------------------------------------------------------
 
 
-def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int, z_rows) -> _ScanArgs:
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: int, z_rows,
+               delta_proj) -> _ScanArgs:
     length, batch, dim = u.shape
     zz = z if z is not None else u  # strides only; the null pointer says there is no z
     return _ScanArgs(
+        delta_proj=_ptr(delta_proj), rank=0 if delta_proj is None else delta_proj.shape[1],
         u=_ptr(u), delta=_ptr(delta), A=_ptr(A), B=_ptr(B), C=_ptr(C), D=_ptr(D), z=_ptr(z), z_rows=_ptr(z_rows),
         delta_bias=_ptr(delta_bias), u_t=u.stride(0), u_b=u.stride(1), delta_t=delta.stride(0),
         delta_b=delta.stride(1), z_t=zz.stride(0), z_b=zz.stride(1), B_t=B.stride(0), B_b=B.stride(1),
@@ -360,41 +363,50 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: i
         n_state=A.shape[1], chunk_len=chunk_len, softplus=int(softplus), threads=torch.get_num_threads())
 
 
-def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order):
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj):
     """The inputs as the kernel reads them, and z's row offsets (None without ``z_order``)."""
     if u.dim() != 3 or B.shape != C.shape or B.shape[:2] != u.shape[:2] or A.shape != (u.shape[2], B.shape[2]):
         raise ValueError(f'selective_scan_fwd: want u, delta, z (L, batch, dim), B, C (L, batch, state), '
                          f'A (dim, state); got u {tuple(u.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}')
-    _check_dtypes('selective_scan_fwd', u, delta, A, B, C, D, z, delta_bias)
+    if delta_proj is None and delta.shape != u.shape:
+        raise ValueError(f'selective_scan_fwd: delta {tuple(delta.shape)} does not match u {tuple(u.shape)}')
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[2]
+                                   or delta.shape != (*u.shape[:2], delta_proj.shape[1])):
+        raise ValueError(f'selective_scan_fwd: with delta_proj (dim, rank), delta is the low-rank dt (L, batch, '
+                         f'rank); got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, '
+                         f'u {tuple(u.shape)}')
+    _check_dtypes('selective_scan_fwd', u, delta, A, B, C, D, z, delta_bias, delta_proj)
     if z is not None and (z.dim() != 3 or (z.shape[0], _sequences(z, z_order), z.shape[2]) != tuple(u.shape)):
         raise ValueError(f'selective_scan_fwd: z {tuple(z.shape)} does not match u {tuple(u.shape)}'
                          + (f' read in {z_order.shape[1]} token orders' if z_order is not None else ''))
     if z is not None:
         _check_order('selective_scan_fwd', z, z_order)
     u, delta, B, C, z = (_unit_last_stride(t) for t in (u, delta, B, C, z))
-    D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
+    D, delta_bias, delta_proj = (None if t is None else t.contiguous() for t in (D, delta_bias, delta_proj))
     z_rows = _row_offsets(z, z_order) if z is not None and z_order is not None else None  # kept by the caller
-    return (u, delta, A, B, C, D, z, delta_bias), z_rows
+    return (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows
 
 
 @torch.library.custom_op('rsmamba::cpu_selective_scan_fwd', mutates_args=(), device_types='cpu')
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
-                       save_starts: bool, z_order: Optional[Tensor] = None,
-                       out_order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       save_starts: bool, z_order: Optional[Tensor] = None, out_order: Optional[Tensor] = None,
+                       delta_proj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The scan on time-major tensors: u, delta, z (L, batch, dim); B, C (L, batch, state); A (dim, state).
     With ``z_order`` (L, paths), z is the source (L, batch / paths, dim) read in those token orders. With
     ``out_order`` (L, paths), sequence p * (batch / paths) + b of out is put back in token order: its position
-    l is written to row out_order[l, p].
+    l is written to row out_order[l, p]. With ``delta_proj`` (dim, rank), delta is the low-rank dt (L, batch,
+    rank) that the kernel projects itself: delta = dt delta_proj^T.
 
     Returns out (L, batch, dim), the state at each chunk start (chunks, batch, dim * state) (empty unless
     ``save_starts``: what the backward re-computes from, in the kernels' own order) and the last state
     (state, batch, dim).
     """
-    (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
+    (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows = _scan_inputs(
+        u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj)
     out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
     out_rows = _out_rows('selective_scan_fwd', out, out_order)
-    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows, delta_proj)
     args.out, args.starts, args.last = _ptr(out), _ptr(starts) if save_starts else None, _ptr(last)
     args.out_rows = _ptr(out_rows)
     _call('rsm_scan_forward', u, args)
@@ -429,7 +441,8 @@ def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_order=None, out_order=None):
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_order=None, out_order=None,
+      delta_proj=None):
     return _scan_outputs(u, A, chunk_len, save_starts)
 
 
@@ -437,13 +450,15 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_o
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
                        dlast: Optional[Tensor], softplus: bool, chunk_len: int, z_order: Optional[Tensor] = None,
-                       out_order: Optional[Tensor] = None) -> List[Tensor]:
+                       out_order: Optional[Tensor] = None, delta_proj: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
     d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient.
+    With ``delta_proj``, ddelta is that of the projected delta (L, batch, dim), not of dt.
     With ``z_order``, dz is per token order, each back in the source's order: (paths, L, batch / paths, dim), a
     plane per path; summing them is autograd's step. With ``out_order``, dout is in token order as the
     forward's out was, and read through it."""
-    (u, delta, A, B, C, D, z, delta_bias), z_rows = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order)
+    (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows = _scan_inputs(
+        u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj)
     expected = _starts_shape(*u.shape, A.shape[1], chunk_len)
     if tuple(starts.shape) != expected:
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
@@ -452,7 +467,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     dz_rows = _plane_rows(grads[6], z_order) if z is not None else None
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
-    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows)
+    args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows, delta_proj)
     dout_rows = _out_rows('selective_scan_bwd', dout, out_order)
     args.starts, args.dout, args.dlast, args.out_rows = _ptr(starts), _ptr(dout), _ptr(dlast), _ptr(dout_rows)
     args.dz_rows = _ptr(dz_rows)
@@ -473,13 +488,14 @@ def _scan_grads(u, A, B, D, z, delta_bias, z_order) -> List[Tensor]:
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None):
+def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None,
+      delta_proj=None):
     return _scan_grads(u, A, B, D, z, delta_bias, z_order)
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order, out_order = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order, out_order)
+    u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order, out_order, delta_proj = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order, out_order, delta_proj)
     ctx.softplus, ctx.chunk_len = softplus, chunk_len
     # the chunk-start states are the backward's own, and the last state is seldom used: autograd would hand
     # the backward zeros of their shapes (filling 29 MB per block for the states: rsmamba_base, batch 8)
@@ -488,16 +504,20 @@ def _scan_setup_context(ctx, inputs, output):
 
 
 def _scan_backward(ctx, dout, _dstarts, dlast):
-    u, delta, A, B, C, D, z, delta_bias, starts, z_order, out_order = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, starts, z_order, out_order, delta_proj = ctx.saved_tensors
     if dout is None:  # only the last state reached the loss
         dout = u.new_zeros(u.shape)
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
-                               ctx.chunk_len, z_order, out_order)
+                               ctx.chunk_len, z_order, out_order, delta_proj)
     du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
     if z is not None and z_order is not None:
         dz = sum_path_planes(dz)
+    d_proj = None
+    if delta_proj is not None:  # delta = dt delta_proj^T: back through the projection
+        d_proj = ddelta.flatten(0, 1).t() @ delta.flatten(0, 1) if ctx.needs_input_grad[13] else None
+        ddelta = ddelta @ delta_proj
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            d_bias if delta_bias is not None else None, None, None, None, None, None)
+            d_bias if delta_bias is not None else None, None, None, None, None, None, d_proj)
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)

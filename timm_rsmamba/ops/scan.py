@@ -526,7 +526,7 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         chunk_len: Optional[int] = None, z_order: Optional[torch.Tensor] = None,
-        out_order: Optional[torch.Tensor] = None):
+        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None):
     """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::cpu_selective_scan_fwd``.
 
     One pass over the sequence with the states in vector registers and inlined exp/log; the backward
@@ -535,7 +535,8 @@ def selective_scan_cpu_kernel(
     built this runs `selective_scan_compiled`, or `selective_scan_chunked` if there is no C++ compiler (which
     torch.compile would need too). ``z_order``: read z through an (L, paths) token-order index (z is then the
     (batch / paths, dim, L) source), with no gathered copy; ``out_order``: write the output back in token order
-    through one (see `selective_scan`), with no gather after.
+    through one (see `selective_scan`), with no gather after. ``delta_proj_weight``: delta is the low-rank dt,
+    projected inside the kernel (see `selective_scan`).
     """
     if u.device.type != 'cpu':
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
@@ -544,6 +545,8 @@ def selective_scan_cpu_kernel(
         fallback = selective_scan_compiled if CPU_KERNELS.compiler_found else selective_scan_chunked
         if z is not None and z_order is not None:
             z = gather_channel_major(z, z_order)
+        if delta_proj_weight is not None:
+            delta = project_delta(delta, delta_proj_weight)
         result = fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
         return _restored(result, out_order, return_last_state)
     ct = _compute_dtype(u.dtype)
@@ -556,13 +559,19 @@ def selective_scan_cpu_kernel(
 
     with torch.autocast('cpu', enabled=False):
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight))
         out, _, last = selective_scan_fwd(
             time_major(u), time_major(delta), A.to(ct), time_major(B), time_major(C), vector(D), time_major(z),
             vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad,
-            z_order if z is not None else None, out_order)
+            z_order if z is not None else None, out_order, vector(delta_proj_weight))
         out = out.to(u.dtype).permute(1, 2, 0)
     return (out, last.permute(1, 2, 0).contiguous()) if return_last_state else out
+
+
+def project_delta(dt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """delta (batch, dim, L) = weight (dim, rank) times the low-rank dt (batch, rank, L), one matrix product on
+    the time-major view (a channel-major view of its time-major result, as the model's layers make them)."""
+    return F.linear(dt.permute(2, 0, 1), weight).permute(1, 2, 0)
 
 
 def _restored(result, out_order: Optional[torch.Tensor], with_last_state: bool):
@@ -608,6 +617,8 @@ SCAN_BACKENDS: Dict[str, Callable] = {
 ORDER_READING_SCANS = {'triton', 'cpu_kernel'}
 # The backends that take ``out_order`` and write through it; the others' outputs are restored after.
 ORDER_WRITING_SCANS = {'cpu_kernel'}
+# The backends that take ``delta_proj_weight`` and project delta themselves; the others get it projected.
+DELTA_PROJECTING_SCANS = {'cpu_kernel'}
 # What the error of a backend that cannot run on a device suggests instead.
 _RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'compiled', 'chunked', 'reference'",
              'cuda': "'auto', 'mamba_ssm' (the [cuda] extra), 'compiled', 'chunked', 'reference'"}
@@ -639,7 +650,7 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
 def selective_scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         backend: Optional[str] = None, z_order: Optional[torch.Tensor] = None,
-        out_order: Optional[torch.Tensor] = None):
+        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None):
     """Selective scan with the ``mamba_ssm.selective_scan_fn`` signature, on the chosen backend.
 
     ``z_order`` (L, paths): z is the (batch / paths, dim, L) source of the gate, and sequence p * (batch /
@@ -647,16 +658,24 @@ def selective_scan(
     ``out_order`` (L, paths): that sequence's output at position l goes to position out_order[l, p] instead, which
     puts it back in token order when out_order is the order it was read in (the multi-path block's merge then
     needs no gather).
+    ``delta_proj_weight`` (dim, rank): delta is the low-rank dt (batch, rank, L), and the scan's delta is
+    dt projected by it (Mamba's dt_proj, without its bias: that is ``delta_bias``). The C++ scan projects it
+    tile by tile as it goes, so the full-size delta is never written to memory nor read back.
     """
     name = resolve_scan_backend(backend, u.device)
-    order_kwargs = {}
+    backend_kwargs = {}
+    if delta_proj_weight is not None:
+        if name in DELTA_PROJECTING_SCANS:
+            backend_kwargs['delta_proj_weight'] = delta_proj_weight
+        else:
+            delta = project_delta(delta, delta_proj_weight)
     if z is not None and z_order is not None:
         if name in ORDER_READING_SCANS:
-            order_kwargs = dict(z_order=z_order)
+            backend_kwargs['z_order'] = z_order
         else:
             z = gather_channel_major(z, z_order)
     if out_order is not None and name in ORDER_WRITING_SCANS:
-        order_kwargs['out_order'], out_order = out_order, None
+        backend_kwargs['out_order'], out_order = out_order, None
     result = SCAN_BACKENDS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                                 return_last_state=return_last_state, **order_kwargs)
+                                 return_last_state=return_last_state, **backend_kwargs)
     return _restored(result, out_order, return_last_state)

@@ -6,7 +6,8 @@
 // (raw pointers, sizes and strides; float32 and float64). Threads are std::threads started per call.
 //
 // The scan walks the whole sequence once per (sequence, block of channels), a tile of positions at a time:
-// a prologue computes each position's delta and delta u for the tile, then each group of RSM_STATE_GROUP
+// a prologue computes each position's delta (projected from Mamba's low-rank dt first, if the caller passes
+// dt_proj's weight as delta_proj) and delta u for the tile, then each group of RSM_STATE_GROUP
 // states runs over the tile with its states in vector registers, and an epilogue gates the output. exp,
 // log1p and the sigmoid are inlined polynomials (float32; float64 calls libm, for gradcheck). The group size
 // is the register blocking, chosen per ISA by the loader: a group's states plus about eight temporaries must
@@ -20,7 +21,8 @@
 // per chunk. dA, dD and d(delta_bias) sum over sequences: per-thread partials, added at the end.
 //
 // Scan layouts (element strides; the channel/state stride is 1): u, delta, z, dout (L, batch, dim) and B, C
-// (L, batch, state) with strides t and b; A (dim, state) with strides A_d, A_s; D, delta_bias (dim,).
+// (L, batch, state) with strides t and b; A (dim, state) with strides A_d, A_s; D, delta_bias (dim,); with
+// delta_proj (dim, rank), delta is dt (L, batch, rank) with strides t and b.
 // Outputs are contiguous: out, du, ddelta, dz (L, batch, dim); dB, dC (L, batch, state); dA (dim, state);
 // the state at the start of every chunk, (chunks, batch, dim * state) with each block of channels' states side by
 // side (`Scan::chunk_start`); the last state (state, batch, dim).
@@ -73,6 +75,10 @@ struct rsm_scan_args {
   const int64_t* z_rows;  // (L, batch): z's row of each position and sequence, as an element offset; null: strides
   const int64_t* out_rows;  // (L, batch): the same for out (forward) and dout (backward); null: contiguous, strides
   const int64_t* dz_rows;   // (L, batch): where the backward writes dz of each position and sequence; null: contiguous
+  // delta_proj (dim, rank), contiguous, may be null. If not, delta is the low-rank dt (L, batch, rank) and the scan
+  // projects it itself, delta = dt delta_proj^T (Mamba's dt_proj, before its bias)
+  const void* delta_proj;
+  int64_t rank;
 };
 
 struct rsm_conv_args {
@@ -377,8 +383,9 @@ struct Scan {
   const T *u, *delta, *z, *B, *C, *D, *bias, *dout, *dlast;
   const int64_t *z_rows, *out_rows, *dz_rows;
   std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
+  std::vector<Vec<T>> proj;  // delta_proj by block of channels, (blocks, rank) vectors, zero-filled past dim
   int64_t u_t, u_b, delta_t, delta_b, z_t, z_b, B_t, B_b, C_t, C_b, dout_t, dout_b;
-  int64_t length, batch, dim, n, chunk_len, threads, blocks, plane;
+  int64_t length, batch, dim, n, chunk_len, threads, blocks, plane, rank;
   bool softplus, decays_at_most_one, around_cache;
 
   explicit Scan(const rsm_scan_args& a)
@@ -390,7 +397,8 @@ struct Scan {
         u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
         B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
         batch(a.batch), dim(a.dim), n(a.n_state), chunk_len(a.chunk_len), threads(std::max<int64_t>(1, a.threads)),
-        blocks((a.dim + kLanes<T> - 1) / kLanes<T>), plane(a.batch * a.dim), softplus(a.softplus != 0),
+        blocks((a.dim + kLanes<T> - 1) / kLanes<T>), plane(a.batch * a.dim), rank(a.delta_proj ? a.rank : 0),
+        softplus(a.softplus != 0),
         around_cache(a.length * plane * static_cast<int64_t>(sizeof(T)) >= around_cache_bytes) {
     const T* A_in = static_cast<const T*>(a.A);
     T a_max = -INFINITY;
@@ -404,6 +412,11 @@ struct Scan {
     }
     // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) delta A <= 0
     decays_at_most_one = softplus && a_max <= 0;
+    const T* W = static_cast<const T*>(a.delta_proj);
+    proj.assign(rank ? blocks * rank : 0, Vec<T>{});
+    for (int64_t d = 0; d < dim && rank; ++d) {
+      for (int64_t q = 0; q < rank; ++q) proj[d / kLanes<T> * rank + q][d % kLanes<T>] = W[d * rank + q];
+    }
   }
 
   // z's row for position t of sequence b: through z_rows where the caller reads z in another token order
@@ -471,11 +484,49 @@ struct Rows {
   int64_t at(int i, int64_t k) const { return i * blocks + k; }
 };
 
+// delta_raw = dt delta_proj^T at positions t0 .. t0 + tl for blocks k0 .. k1, into r.deltas: a small matrix
+// product per block, kRows positions at a time, each of the block's weight vectors loaded once for them. The
+// low-rank dt is a few cache lines a position, read by every block from L1, where the projected delta would be
+// a line a position and block streamed from memory (and written there first, by a matrix product of its own).
+template <typename T, bool kBackward>
+void project_deltas(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int tl, Rows<T>& r) {
+  typedef Vec<T> V;
+  constexpr int kRows = 8;
+  const int64_t rank = p.rank;
+  const T* dt0 = p.delta + t0 * p.delta_t + b * p.delta_b;
+  for (int i = 0; i < tl; ++i) {  // the rows of the tile to come (see the prologue)
+    const int64_t ahead = kBackward ? t0 + i - p.chunk_len : t0 + i + tl;
+    if (ahead < 0 || ahead >= p.length) continue;
+    const char* row = reinterpret_cast<const char*>(p.delta + ahead * p.delta_t + b * p.delta_b);
+    for (int64_t byte = 0; byte < rank * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(row + byte);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const V* w = p.proj.data() + k * rank;
+    int i = 0;
+    for (; i + kRows <= tl; i += kRows) {
+      V acc[kRows] = {};
+      for (int64_t q = 0; q < rank; ++q) {
+        const V wq = w[q];
+#pragma GCC unroll 8
+        for (int j = 0; j < kRows; ++j) acc[j] = acc[j] + wq * dt0[(i + j) * p.delta_t + q];
+      }
+      for (int j = 0; j < kRows; ++j) r.deltas[r.at(i + j, k - k0)] = acc[j];
+    }
+    for (; i < tl; ++i) {
+      V acc = {};
+      for (int64_t q = 0; q < rank; ++q) acc = acc + w[q] * dt0[i * p.delta_t + q];
+      r.deltas[r.at(i, k - k0)] = acc;
+    }
+  }
+}
+
 // delta = softplus(delta_raw + delta_bias) (or without softplus), delta u and D u at positions t0 .. t0 + tl
-// for blocks k0 .. k1; with kBackward also sigmoid(delta_raw + delta_bias) and dL/dy = dout silu(z).
+// for blocks k0 .. k1; with kBackward also sigmoid(delta_raw + delta_bias) and dL/dy = dout silu(z). delta_raw
+// is read from delta, or projected from the low-rank dt first (`project_deltas`).
 template <typename T, bool kBackward>
 void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int tl, Rows<T>& r) {
   typedef Vec<T> V;
+  if (p.rank) project_deltas<T, kBackward>(p, b, k0, k1, t0, tl, r);
   for (int i = 0; i < tl; ++i) {
     const int64_t t = t0 + i;
     for_each_block<T>(p.dim, k0, k1, [&](auto full, int64_t k, int64_t d0, int lanes) {
@@ -484,17 +535,17 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
       // chunk's in the backward (which walks the chunks last to first)
       const int64_t ahead = kBackward ? t - p.chunk_len : t + tl;
       if (ahead >= 0 && ahead < p.length && d0 * sizeof(T) % 64 == 0) {
-        __builtin_prefetch(p.delta + ahead * p.delta_t + b * p.delta_b + d0);
+        if (!p.rank) __builtin_prefetch(p.delta + ahead * p.delta_t + b * p.delta_b + d0);
         __builtin_prefetch(p.u + ahead * p.u_t + b * p.u_b + d0);
         if (p.z) __builtin_prefetch(p.z_row(ahead, b) + d0);
         if constexpr (kBackward) __builtin_prefetch(p.dout_row(ahead, b) + d0);
       }
-      V pre = load<kFull>(p.delta + t * p.delta_t + b * p.delta_b + d0, lanes);
+      const int64_t at = r.at(i, k);
+      V pre = p.rank ? r.deltas[at] : load<kFull>(p.delta + t * p.delta_t + b * p.delta_b + d0, lanes);
       if (p.bias) pre = pre + load<kFull>(p.bias + d0, lanes);
       V sig = {};
       const V dl = p.softplus ? vsoftplus(pre, kBackward ? &sig : nullptr) : pre;
       const V u = load<kFull>(p.u + t * p.u_t + b * p.u_b + d0, lanes);
-      const int64_t at = r.at(i, k);
       r.deltas[at] = dl;
       r.drives[at] = dl * u;
       r.ys[at] = p.D ? load<kFull>(p.D + d0, lanes) * u : V{};
