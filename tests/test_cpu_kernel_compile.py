@@ -49,6 +49,20 @@ def test_scan_ops_reading_token_orders_pass_opcheck():
     torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, order))
 
 
+def test_scan_ops_projecting_delta_pass_opcheck():
+    """With delta_proj: delta is the low-rank dt, a slice of rows as x_proj's output gives it."""
+    x = _time_major(make_inputs(2, 20, 13, 16))
+    x['delta'] = torch.randn(13, 2, 3 + 32)[..., :3]
+    weight = torch.randn(20, 3) * 0.5
+    args = [x[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
+    grad_args = [t.detach().clone().requires_grad_() for t in args]
+    torch.library.opcheck(ops.cpu_selective_scan_fwd,
+                          (*grad_args, True, 4, True, None, None, weight.clone().requires_grad_()))
+    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True, None, None, weight)
+    dout = torch.randn(13, 2, 20)
+    torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, None, None, weight))
+
+
 @pytest.mark.parametrize('with_order', [False, True])
 def test_conv_ops_pass_opcheck(with_order):
     x = torch.randn(11, 3, 40)[:, :, :20]  # the mixer's strides

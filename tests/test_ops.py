@@ -124,7 +124,7 @@ def reference_of_projected_delta(delta, delta_proj_weight, **rest):
     ((2, 20, 45, 16), 5, 8),    # a full and a partial block; 45 positions: a tile, rows of 8 and a tail
     ((1, 70, 50, 19), 3, 7),    # one sequence cut into ranges of blocks (an item's blocks start past 0)
     ((2, 6, 1, 16), 4, None),   # a single position
-    ((1, 16, 300, 16), 48, 32),  # rsmamba's rank, many tiles and chunks
+    ((1, 16, 300, 16), 48, 32),  # a rank of 48 (rsmamba_base's is 12), many tiles and chunks
 ])
 @pytest.mark.parametrize('backend', ['cpu_kernel', 'chunked'])
 def test_scan_projects_a_low_rank_delta(shape, rank, chunk, backend):
