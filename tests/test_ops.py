@@ -150,6 +150,37 @@ def test_cpu_kernel_projected_delta_gradcheck_float64():
                                      z_order=order, out_order=order), tuple(s.values()))
 
 
+class _RecordScans(TorchDispatchMode):
+    """The delta argument's shape and the projection weight of every C++ scan forward that runs."""
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.rsmamba.cpu_selective_scan_fwd.default:
+            projection = args[13] if len(args) > 13 else (kwargs or {}).get('delta_proj')
+            self.calls.append((tuple(args[1].shape), projection))
+        return func(*args, **(kwargs or {}))
+
+
+def test_model_hands_dt_proj_to_the_cpu_scan():
+    """On CPU the mixer gives the C++ scan the low-rank dt and dt_proj's weight, so the full delta is never
+    made; a model on another scan gets delta projected first and the same logits."""
+    import timm
+    from conftest import TINY
+    model = timm.create_model('rsmamba_small', **TINY).eval()
+    mixer = model.blocks[0].mixer
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), _RecordScans() as recorded:
+        y = model(x)
+    assert recorded.calls and all(shape[-1] == mixer.dt_rank and w is not None and w.shape == (
+        mixer.intermediate_size, mixer.dt_rank) for shape, w in recorded.calls), recorded.calls
+    for block in model.blocks:
+        block.mixer.scan_backend = 'reference'
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_kernel_refuses_a_projection_of_the_wrong_shape():
     x = with_low_rank_dt(make_inputs(2, 6, 9, 4), 3)
     with pytest.raises(ValueError, match=r'low-rank dt \(L, batch, rank\)'):
