@@ -67,8 +67,23 @@ struct ScanData {
 };
 
 struct ScanResult {
-  Array out, last, du, ddelta, dz, dA, dB, dC, dD, dbias;
+  Array out, last, du, ddelta, dz, dA, dB, dC, dD, dbias, dproj;  // with a rank, ddelta is d(dt), dproj d(W)
 };
+
+// The reference's d(delta) taken back through the projection delta = dt W^T: d(dt) and d(W).
+void project_back(const ScanCase& c, const ScanData& x, ScanResult& r) {
+  Array ddt(c.L * c.batch * c.rank, 0);
+  r.dproj.assign(c.dim * c.rank, 0);
+  for (int64_t tb = 0; tb < c.L * c.batch; ++tb) {
+    for (int64_t d = 0; d < c.dim; ++d) {
+      for (int64_t q = 0; q < c.rank; ++q) {
+        ddt[tb * c.rank + q] += r.ddelta[tb * c.dim + d] * x.W[d * c.rank + q];
+        r.dproj[d * c.rank + q] += r.ddelta[tb * c.dim + d] * x.dt[tb * x.dt_row + q];
+      }
+    }
+  }
+  r.ddelta = ddt;
+}
 
 // The recurrence position by position, every state kept, then reverse-mode by hand.
 ScanResult scan_reference(const ScanCase& c, const ScanData& x) {
@@ -137,7 +152,7 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   std::vector<T> u = as<T>(x.u), delta = as<T>(c.rank ? x.dt : x.delta), W = as<T>(x.W), z = as<T>(x.z), dout = as<T>(x.dout), BC = as<T>(x.BC),
                  A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias), dlast = as<T>(x.dlast);
   std::vector<T> out(rows), last(c.n * c.batch * c.dim), starts(chunks * c.n * c.batch * c.dim), du(rows),
-      ddelta(rows), dz(rows), dA(c.dim * c.n), dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
+      ddelta(c.rank ? c.L * c.batch * c.rank : rows), dproj(c.dim * c.rank), dz(rows), dA(c.dim * c.n), dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
   rsm_scan_args a{};
   a.u = u.data();
   a.delta = delta.data();
@@ -154,6 +169,7 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
     a.delta_b = x.dt_row;
     a.delta_proj = W.data();
     a.rank = c.rank;
+    a.ddelta_proj = dproj.data();
   }
   a.B_t = a.C_t = c.batch * x.bc_row;
   a.B_b = a.C_b = x.bc_row;
@@ -187,6 +203,7 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   r.out = back(out), r.last = back(last), r.du = back(du), r.ddelta = back(ddelta);
   r.dz = c.with_z ? back(dz) : Array(rows, 0);
   r.dA = back(dA), r.dB = back(dB), r.dC = back(dC), r.dD = back(dD), r.dbias = back(dbias);
+  r.dproj = back(dproj);
   return r;
 }
 
@@ -207,13 +224,15 @@ void check(const char* what, const char* name, const Array& got, const Array& wa
 void check_scan(const char* what, const ScanCase& c, double tol32, double tol64) {
   std::mt19937 g(static_cast<unsigned>(c.L * 131 + c.dim * 7 + c.n));
   const ScanData x(c, g);
-  const ScanResult want = scan_reference(c, x);
+  ScanResult want = scan_reference(c, x);
+  if (c.rank) project_back(c, x, want);
   const ScanResult got32 = scan_kernel<float>(c, x), got64 = scan_kernel<double>(c, x);
-  const char* names[] = {"out", "last", "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias"};
+  const char* names[] = {"out", "last", "du", c.rank ? "d(dt)" : "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias",
+                         "d(delta_proj)"};
   const Array ScanResult::*fields[] = {&ScanResult::out, &ScanResult::last, &ScanResult::du, &ScanResult::ddelta,
                                        &ScanResult::dz, &ScanResult::dA, &ScanResult::dB, &ScanResult::dC,
-                                       &ScanResult::dD, &ScanResult::dbias};
-  for (int i = 0; i < 10; ++i) {
+                                       &ScanResult::dD, &ScanResult::dbias, &ScanResult::dproj};
+  for (int i = 0; i < (c.rank ? 11 : 10); ++i) {
     char label[96];
     std::snprintf(label, sizeof label, "scan %s f32", what);
     check(label, names[i], got32.*fields[i], want.*fields[i], tol32);

@@ -201,7 +201,7 @@ class _ScanArgs(ctypes.Structure):
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
                 [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
                                                 'z_rows', 'out_rows', 'dz_rows', 'delta_proj')] +
-                [('rank', ctypes.c_int64)])
+                [('rank', ctypes.c_int64), ('ddelta_proj', ctypes.c_void_p)])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -452,8 +452,9 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        dlast: Optional[Tensor], softplus: bool, chunk_len: int, z_order: Optional[Tensor] = None,
                        out_order: Optional[Tensor] = None, delta_proj: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
-    d(delta_bias); those of absent inputs (D, z, delta_bias) are empty. ``dlast``: the last state's gradient.
-    With ``delta_proj``, ddelta is that of the projected delta (L, batch, dim), not of dt.
+    d(delta_bias), d(delta_proj); those of absent inputs (D, z, delta_bias, delta_proj) are empty. ``dlast``: the
+    last state's gradient. With ``delta_proj``, ddelta is that of the low-rank dt (the kernel sums both
+    projections' gradients itself; d(delta) is never written).
     With ``z_order``, dz is per token order, each back in the source's order: (paths, L, batch / paths, dim), a
     plane per path; summing them is autograd's step. With ``out_order``, dout is in token order as the
     forward's out was, and read through it."""
@@ -463,7 +464,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     if tuple(starts.shape) != expected:
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
                          f'{tuple(starts.shape)} (run the forward with save_starts=True)')
-    grads = _scan_grads(u, A, B, D, z, delta_bias, z_order)
+    grads = _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj)
     dz_rows = _plane_rows(grads[6], z_order) if z is not None else None
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
@@ -472,25 +473,26 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     args.starts, args.dout, args.dlast, args.out_rows = _ptr(starts), _ptr(dout), _ptr(dlast), _ptr(dout_rows)
     args.dz_rows = _ptr(dz_rows)
     args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
-    for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias'), grads,
-                              (u, u, A, B, C, D, z, delta_bias)):
+    for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias', 'ddelta_proj'), grads,
+                              (u, u, A, B, C, D, z, delta_bias, delta_proj)):
         setattr(args, name, _ptr(g) if given is not None else None)
     _call('rsm_scan_backward', u, args)
     return grads
 
 
-def _scan_grads(u, A, B, D, z, delta_bias, z_order) -> List[Tensor]:
+def _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj) -> List[Tensor]:
     def like(t, shape):
         return u.new_empty(shape if t is not None else (0,))
     dz_shape = _path_planes_shape(z, z_order) if z is not None else None
-    return [u.new_empty(u.shape), u.new_empty(u.shape), u.new_empty(A.shape), u.new_empty(B.shape),
-            u.new_empty(B.shape), like(D, u.shape[2:]), like(z, dz_shape), like(delta_bias, u.shape[2:])]
+    return [u.new_empty(u.shape), u.new_empty(delta.shape), u.new_empty(A.shape), u.new_empty(B.shape),
+            u.new_empty(B.shape), like(D, u.shape[2:]), like(z, dz_shape), like(delta_bias, u.shape[2:]),
+            like(delta_proj, None if delta_proj is None else delta_proj.shape)]
 
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None,
       delta_proj=None):
-    return _scan_grads(u, A, B, D, z, delta_bias, z_order)
+    return _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj)
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -509,15 +511,12 @@ def _scan_backward(ctx, dout, _dstarts, dlast):
         dout = u.new_zeros(u.shape)
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
                                ctx.chunk_len, z_order, out_order, delta_proj)
-    du, ddelta, dA, dB, dC, dD, dz, d_bias = grads
+    du, ddelta, dA, dB, dC, dD, dz, d_bias, d_proj = grads
     if z is not None and z_order is not None:
         dz = sum_path_planes(dz)
-    d_proj = None
-    if delta_proj is not None:  # delta = dt delta_proj^T: back through the projection
-        d_proj = ddelta.flatten(0, 1).t() @ delta.flatten(0, 1) if ctx.needs_input_grad[13] else None
-        ddelta = ddelta @ delta_proj
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            d_bias if delta_bias is not None else None, None, None, None, None, None, d_proj)
+            d_bias if delta_bias is not None else None, None, None, None, None, None,
+            d_proj if delta_proj is not None else None)
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)

@@ -18,7 +18,8 @@
 // start into an L1-sized buffer, then runs the adjoint recurrence g_t = dy_t C_t + decay_{t+1} g_{t+1}
 // back over the chunk, carrying g from chunk to chunk. dB and dC sum over channels: a work item owns a
 // sequence (and a group of channel blocks), sums its blocks into vectors, and reduces them across lanes once
-// per chunk. dA, dD and d(delta_bias) sum over sequences: per-thread partials, added at the end.
+// per chunk. dA, dD and d(delta_bias) sum over sequences: per-item partials, added at the end. With a projection
+// it takes d(delta) on to d(dt) and d(delta_proj) chunk by chunk (`project_gradients`).
 //
 // Scan layouts (element strides; the channel/state stride is 1): u, delta, z, dout (L, batch, dim) and B, C
 // (L, batch, state) with strides t and b; A (dim, state) with strides A_d, A_s; D, delta_bias (dim,); with
@@ -76,9 +77,11 @@ struct rsm_scan_args {
   const int64_t* out_rows;  // (L, batch): the same for out (forward) and dout (backward); null: contiguous, strides
   const int64_t* dz_rows;   // (L, batch): where the backward writes dz of each position and sequence; null: contiguous
   // delta_proj (dim, rank), contiguous, may be null. If not, delta is the low-rank dt (L, batch, rank) and the scan
-  // projects it itself, delta = dt delta_proj^T (Mamba's dt_proj, before its bias)
+  // projects it itself, delta = dt delta_proj^T (Mamba's dt_proj, before its bias); the backward then writes
+  // d(dt) (L, batch, rank) to ddelta and d(delta_proj) (dim, rank) to ddelta_proj, and no d(delta)
   const void* delta_proj;
   int64_t rank;
+  void* ddelta_proj;
 };
 
 struct rsm_conv_args {
@@ -806,9 +809,49 @@ __attribute__((noinline)) void block_backward(const Scan<T>& p, int64_t b, int64
 
 // One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
 // then, position by position, du, d(delta), dz and the sums for dD and d(delta_bias).
+// With a projection, the gradients of dt and delta_proj from the chunk's d(delta_raw) (in r.ddeltas), none of it
+// through memory: d(dt)_t = d(delta)_t W, a sum over the item's channels (across lanes once per position and
+// rank), and d(W) += d(delta)_t^T dt_t into the item's partial, (blocks, rank) vectors; kRanks ranks at a time
+// in registers. (Written out, d(delta) was 29 MB per rsmamba_base block at batch 8, read twice by two matrix
+// products.)
+template <typename T>
+void project_gradients(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int cl, const Rows<T>& r,
+                       T* ddt, Vec<T>* dproj) {
+  typedef Vec<T> V;
+  constexpr int kRanks = 8;
+  const int64_t rank = p.rank;
+  const T* dt0 = p.delta + t0 * p.delta_t + b * p.delta_b;
+  for (int64_t q0 = 0; q0 < rank; q0 += kRanks) {
+    const int m = static_cast<int>(std::min<int64_t>(kRanks, rank - q0));
+    for (int i = 0; i < cl; ++i) {
+      V acc[kRanks] = {};
+      for (int64_t k = k0; k < k1; ++k) {
+        const V dd = r.ddeltas[r.at(i, k - k0)];
+        const V* w = p.proj.data() + k * rank + q0;
+        for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * w[j];
+      }
+      T* out = ddt + ((t0 + i) * p.batch + b) * rank + q0;
+      for (int j = 0; j < m; ++j) {
+        T sum = 0;
+        for (int l = 0; l < kLanes<T>; ++l) sum += acc[j][l];
+        out[j] = sum;
+      }
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      V acc[kRanks] = {};
+      for (int i = 0; i < cl; ++i) {
+        const V dd = r.ddeltas[r.at(i, k - k0)];
+        const T* dt = dt0 + i * p.delta_t + q0;
+        for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * dt[j];
+      }
+      for (int j = 0; j < m; ++j) dproj[k * rank + q0 + j] = dproj[k * rank + q0 + j] + acc[j];
+    }
+  }
+}
+
 template <typename T>
 void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int cl, BackwardScratch<T>& w,
-                    const T* starts, T* du, T* ddelta, T* dz, T* dA, T* dD, T* dbias) {
+                    const T* starts, T* du, T* ddelta, T* dz, T* dA, T* dD, T* dbias, Vec<T>* dproj) {
   typedef Vec<T> V;
   Rows<T>& r = w.rows;
   prologue<T, true>(p, b, k0, k1, t0, cl, r);
@@ -826,7 +869,11 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
       if (p.softplus) dd = dd * r.sigs[at];
       const V D = p.D ? load<kFull>(p.D + d0, lanes) : V{};
       store_output<kFull>(p.around_cache, du + row, gb * r.deltas[at] + dy * D, lanes);
-      store_output<kFull>(p.around_cache, ddelta + row, dd, lanes);
+      if (p.rank) {
+        r.ddeltas[at] = dd;  // for project_gradients
+      } else {
+        store_output<kFull>(p.around_cache, ddelta + row, dd, lanes);
+      }
       if (p.z) {
         store_output<kFull>(p.around_cache, dz + p.dz_row(t, b) + d0, r.dz_dys[at] * r.ys[at], lanes);
       }
@@ -834,18 +881,22 @@ void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t
       add_to<kFull>(dbias + d0, dd, lanes);
     });
   }
+  if (p.rank) project_gradients<T>(p, b, k0, k1, t0, cl, r, ddelta, dproj);
 }
 
 template <typename T>
 void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T* dA_out, T* dB_out, T* dC_out,
-                   T* dD_out, T* dbias_out) {
+                   T* dD_out, T* dbias_out, T* dproj_out) {
   typedef Vec<T> V;
   const int64_t n = p.n, chunks = (p.length + p.chunk_len - 1) / p.chunk_len, rows = p.length * p.batch * n;
   const WorkItems items(p.batch, p.blocks, p.threads);
-  // dB, dC: written directly by a sequence's only item, else per-range partials summed at the end
-  std::vector<T> dB_parts(items.groups > 1 ? items.groups * rows : 0), dC_parts(dB_parts.size());
+  // dB, dC (and d(dt)): written directly by a sequence's only item, else per-range partials summed at the end
+  const int64_t dt_rows = p.length * p.batch * p.rank;
+  std::vector<T> dB_parts(items.groups > 1 ? items.groups * rows : 0), dC_parts(dB_parts.size()),
+      ddt_parts(items.groups > 1 ? items.groups * dt_rows : 0);
   const int64_t count = items.count(p.batch);
   Partials<T> dA(count, n * p.dim), dD(count, p.dim), dbias(count, p.dim);
+  std::vector<std::vector<V>> dproj(count, std::vector<V>(p.blocks * p.rank));
   std::vector<BackwardScratch<T>> scratch(p.threads, BackwardScratch<T>(n, p.chunk_len, items.per_group));
   parallel_for(items.count(p.batch), p.threads, [&](int64_t item, int thread) {
     const int64_t b = item / items.groups, group = item % items.groups;
@@ -863,11 +914,13 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
     });
     T* dB = items.groups > 1 ? dB_parts.data() + group * rows : dB_out;
     T* dC = items.groups > 1 ? dC_parts.data() + group * rows : dC_out;
+    T* ddt = p.rank && items.groups > 1 ? ddt_parts.data() + group * dt_rows : ddelta;
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t t0 = c * p.chunk_len;
       const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
       for (int64_t j = 0; j < cl * n; ++j) w.kept[j].dB = w.kept[j].dC = V{};
-      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddelta, dz, dA.of(item), dD.of(item), dbias.of(item));
+      backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddt, dz, dA.of(item), dD.of(item), dbias.of(item),
+                        dproj[item].data());
       for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
         for (int64_t s = 0; s < n; ++s) {
           T sum_b = 0, sum_c = 0;
@@ -892,6 +945,20 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       }
       dB_out[i] = sum_b;
       dC_out[i] = sum_c;
+    }
+    for (int64_t i = 0; i < (p.rank ? dt_rows : 0); ++i) {
+      T sum = 0;
+      for (int64_t g = 0; g < items.groups; ++g) sum += ddt_parts[g * dt_rows + i];
+      ddelta[i] = sum;
+    }
+  }
+  if (p.rank) {  // the items' partials of d(delta_proj), in item order, into (dim, rank)
+    std::vector<V> total(p.blocks * p.rank);
+    for (const auto& part : dproj) {
+      for (size_t i = 0; i < total.size(); ++i) total[i] = total[i] + part[i];
+    }
+    for (int64_t d = 0; d < p.dim; ++d) {
+      for (int64_t q = 0; q < p.rank; ++q) dproj_out[d * p.rank + q] = total[d / kLanes<T> * p.rank + q][d % kLanes<T>];
     }
   }
   std::vector<T> dA_t(n * p.dim);
@@ -1074,7 +1141,7 @@ int scan_backward_entry(const rsm_scan_args* a) {
   return guarded([&] {
     scan_backward(Scan<T>(*a), static_cast<const T*>(a->starts), static_cast<T*>(a->du), static_cast<T*>(a->ddelta),
                   static_cast<T*>(a->dz), static_cast<T*>(a->dA), static_cast<T*>(a->dB), static_cast<T*>(a->dC),
-                  static_cast<T*>(a->dD), static_cast<T*>(a->ddelta_bias));
+                  static_cast<T*>(a->dD), static_cast<T*>(a->ddelta_bias), static_cast<T*>(a->ddelta_proj));
   });
 }
 
