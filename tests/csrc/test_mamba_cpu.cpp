@@ -149,10 +149,12 @@ std::vector<T> as(const Array& a) {
 template <typename T>
 ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   const int64_t rows = c.L * c.batch * c.dim, chunks = (c.L + c.chunk - 1) / c.chunk;
-  std::vector<T> u = as<T>(x.u), delta = as<T>(c.rank ? x.dt : x.delta), W = as<T>(x.W), z = as<T>(x.z), dout = as<T>(x.dout), BC = as<T>(x.BC),
-                 A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias), dlast = as<T>(x.dlast);
+  std::vector<T> u = as<T>(x.u), delta = as<T>(c.rank ? x.dt : x.delta), W = as<T>(x.W), z = as<T>(x.z),
+                 dout = as<T>(x.dout), BC = as<T>(x.BC), A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias),
+                 dlast = as<T>(x.dlast);
   std::vector<T> out(rows), last(c.n * c.batch * c.dim), starts(chunks * c.n * c.batch * c.dim), du(rows),
-      ddelta(c.rank ? c.L * c.batch * c.rank : rows), dproj(c.dim * c.rank), dz(rows), dA(c.dim * c.n), dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
+      ddelta(c.rank ? c.L * c.batch * c.rank : rows), dproj(c.dim * c.rank), dz(rows), dA(c.dim * c.n),
+      dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
   rsm_scan_args a{};
   a.u = u.data();
   a.delta = delta.data();

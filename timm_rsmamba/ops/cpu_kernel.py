@@ -355,12 +355,12 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_len: i
     length, batch, dim = u.shape
     zz = z if z is not None else u  # strides only; the null pointer says there is no z
     return _ScanArgs(
-        delta_proj=_ptr(delta_proj), rank=0 if delta_proj is None else delta_proj.shape[1],
         u=_ptr(u), delta=_ptr(delta), A=_ptr(A), B=_ptr(B), C=_ptr(C), D=_ptr(D), z=_ptr(z), z_rows=_ptr(z_rows),
         delta_bias=_ptr(delta_bias), u_t=u.stride(0), u_b=u.stride(1), delta_t=delta.stride(0),
         delta_b=delta.stride(1), z_t=zz.stride(0), z_b=zz.stride(1), B_t=B.stride(0), B_b=B.stride(1),
         C_t=C.stride(0), C_b=C.stride(1), A_d=A.stride(0), A_s=A.stride(1), length=length, batch=batch, dim=dim,
-        n_state=A.shape[1], chunk_len=chunk_len, softplus=int(softplus), threads=torch.get_num_threads())
+        n_state=A.shape[1], chunk_len=chunk_len, softplus=int(softplus), threads=torch.get_num_threads(),
+        delta_proj=_ptr(delta_proj), rank=0 if delta_proj is None else delta_proj.shape[1])
 
 
 def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj):

@@ -372,7 +372,7 @@ struct Partials {
   T* of(int64_t item) { return parts[item].data(); }
   void sum_into(T* out) const {
     const size_t size = parts[0].size();
-    std::fill(out, out + size, T(0));
+    std::fill(out, out + size, T{});
     for (const auto& p : parts) {
       for (size_t i = 0; i < size; ++i) out[i] += p[i];
     }
@@ -416,8 +416,8 @@ struct Scan {
     // softplus makes delta >= 0, so with A <= 0 (as Mamba's A = -exp(A_log) is) delta A <= 0
     decays_at_most_one = softplus && a_max <= 0;
     const T* W = static_cast<const T*>(a.delta_proj);
-    proj.assign(rank ? blocks * rank : 0, Vec<T>{});
-    for (int64_t d = 0; d < dim && rank; ++d) {
+    proj.assign(blocks * rank, Vec<T>{});
+    for (int64_t d = 0; d < dim; ++d) {
       for (int64_t q = 0; q < rank; ++q) proj[d / kLanes<T> * rank + q][d % kLanes<T>] = W[d * rank + q];
     }
   }
@@ -807,8 +807,6 @@ __attribute__((noinline)) void block_backward(const Scan<T>& p, int64_t b, int64
   });
 }
 
-// One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
-// then, position by position, du, d(delta), dz and the sums for dD and d(delta_bias).
 // With a projection, the gradients of dt and delta_proj from the chunk's d(delta_raw) (in r.ddeltas), none of it
 // through memory: d(dt)_t = d(delta)_t W, a sum over the item's channels (across lanes once per position and
 // rank), and d(W) += d(delta)_t^T dt_t into the item's partial, (blocks, rank) vectors; kRanks ranks at a time
@@ -849,6 +847,8 @@ void project_gradients(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int6
   }
 }
 
+// One chunk of an item: per block re-compute the states from the chunk's start and run the adjoint pass;
+// then, position by position, du, d(delta), dz and the sums for dD and d(delta_bias).
 template <typename T>
 void backward_chunk(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, int cl, BackwardScratch<T>& w,
                     const T* starts, T* du, T* ddelta, T* dz, T* dA, T* dD, T* dbias, Vec<T>* dproj) {
@@ -896,7 +896,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       ddt_parts(items.groups > 1 ? items.groups * dt_rows : 0);
   const int64_t count = items.count(p.batch);
   Partials<T> dA(count, n * p.dim), dD(count, p.dim), dbias(count, p.dim);
-  std::vector<std::vector<V>> dproj(count, std::vector<V>(p.blocks * p.rank));
+  Partials<V> dproj(count, p.blocks * p.rank);
   std::vector<BackwardScratch<T>> scratch(p.threads, BackwardScratch<T>(n, p.chunk_len, items.per_group));
   parallel_for(items.count(p.batch), p.threads, [&](int64_t item, int thread) {
     const int64_t b = item / items.groups, group = item % items.groups;
@@ -920,7 +920,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       const int cl = static_cast<int>(std::min(p.chunk_len, p.length - t0));
       for (int64_t j = 0; j < cl * n; ++j) w.kept[j].dB = w.kept[j].dC = V{};
       backward_chunk<T>(p, b, k0, k1, t0, cl, w, starts, du, ddt, dz, dA.of(item), dD.of(item), dbias.of(item),
-                        dproj[item].data());
+                        dproj.of(item));
       for (int i = 0; i < cl; ++i) {  // the blocks' sums, across lanes (a tail block's unused lanes are 0)
         for (int64_t s = 0; s < n; ++s) {
           T sum_b = 0, sum_c = 0;
@@ -946,7 +946,7 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
       dB_out[i] = sum_b;
       dC_out[i] = sum_c;
     }
-    for (int64_t i = 0; i < (p.rank ? dt_rows : 0); ++i) {
+    for (int64_t i = 0; i < dt_rows; ++i) {
       T sum = 0;
       for (int64_t g = 0; g < items.groups; ++g) sum += ddt_parts[g * dt_rows + i];
       ddelta[i] = sum;
@@ -954,11 +954,11 @@ void scan_backward(const Scan<T>& p, const T* starts, T* du, T* ddelta, T* dz, T
   }
   if (p.rank) {  // the items' partials of d(delta_proj), in item order, into (dim, rank)
     std::vector<V> total(p.blocks * p.rank);
-    for (const auto& part : dproj) {
-      for (size_t i = 0; i < total.size(); ++i) total[i] = total[i] + part[i];
-    }
+    dproj.sum_into(total.data());
     for (int64_t d = 0; d < p.dim; ++d) {
-      for (int64_t q = 0; q < p.rank; ++q) dproj_out[d * p.rank + q] = total[d / kLanes<T> * p.rank + q][d % kLanes<T>];
+      for (int64_t q = 0; q < p.rank; ++q) {
+        dproj_out[d * p.rank + q] = total[d / kLanes<T> * p.rank + q][d % kLanes<T>];
+      }
     }
   }
   std::vector<T> dA_t(n * p.dim);
