@@ -240,7 +240,8 @@ def test_cpu_kernel_conv_gradcheck_float64():
 
 def test_cpu_kernel_inlined_math_over_extreme_inputs():
     """The kernel's own exp, log1p and sigmoid at the ends of their ranges: softplus from -60 to 60 (and none),
-    decays that underflow to 0, z that saturates the gate, positive A (growing states); and a NaN propagates."""
+    decays that underflow to 0, z that saturates the gate, positive A (growing states); and a NaN in delta or z
+    propagates."""
     x = make_inputs(2, 16, 24, 16)
     x['delta'] = torch.linspace(-60, 60, x['delta'].numel()).reshape(x['delta'].shape)
     x['z'] = torch.linspace(-150, 150, x['z'].numel()).reshape(x['z'].shape)
@@ -254,6 +255,9 @@ def test_cpu_kernel_inlined_math_over_extreme_inputs():
     x['delta'][0, 3, 5] = float('nan')
     y = selective_scan_cpu_kernel(**x, delta_softplus=True)
     assert y[0, 3, 5:].isnan().all() and not y[0, 3, :5].isnan().any() and not y[1].isnan().any()
+    x['delta'][0, 3, 5], x['z'][1, 2, 7] = 0.0, float('nan')  # a NaN gate: only its own output
+    y = selective_scan_cpu_kernel(**x, delta_softplus=True)
+    assert y[1, 2, 7].isnan() and y.isnan().sum() == 1
 
 
 def _fresh_kernels(monkeypatch):
