@@ -651,6 +651,8 @@ def test_cpu_kernel_refuses_bad_token_orders():
     w = torch.randn(3, 4)
     with pytest.raises(ValueError, match=r'out of range \[0, 5\)'):
         causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(5) + 1)
+    with pytest.raises(ValueError, match=r'out of range \[0, 5\)'):
+        causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(5) - 1)
     with pytest.raises(ValueError, match='int64 token-order index'):
         causal_conv1d(x, w, None, 'silu', backend='cpu_kernel', order=token_orders(5).float())
     with pytest.raises(ValueError, match='with L = 5'):

@@ -256,6 +256,8 @@ class _CpuKernels:
                         fn.argtypes, fn.restype = [ctypes.POINTER(args)], ctypes.c_int
                 library.rsm_build_info.restype = ctypes.c_char_p
                 library.rsm_use_openmp.argtypes = [ctypes.c_void_p]
+                library.rsm_row_offsets.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 7, ctypes.c_void_p]
+                library.rsm_row_offsets.restype = ctypes.c_int
                 library.rsm_use_openmp(_openmp_entry())
             except Exception as e:  # a build failure must never break the model: pure PyTorch runs instead
                 self.error = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
@@ -281,12 +283,16 @@ def cpu_kernels_available() -> bool:
     return CPU_KERNELS.load() is not None
 
 
-def _call(name: str, tensor: Tensor, args) -> None:
-    suffix = {torch.float32: 'f32', torch.float64: 'f64'}[tensor.dtype]
+def _library() -> ctypes.CDLL:
     library = CPU_KERNELS.load()
     if library is None:
         raise RuntimeError(f'the C++ CPU kernels are not available: {CPU_KERNELS.error}')
-    if getattr(library, f'{name}_{suffix}')(ctypes.byref(args)) != 0:
+    return library
+
+
+def _call(name: str, tensor: Tensor, args) -> None:
+    suffix = {torch.float32: 'f32', torch.float64: 'f64'}[tensor.dtype]
+    if getattr(_library(), f'{name}_{suffix}')(ctypes.byref(args)) != 0:
         raise RuntimeError(f'{name}: the C++ kernel failed (out of memory, or no thread could be started)')
 
 
@@ -309,25 +315,38 @@ def _chunks(length: int, chunk_len: int) -> int:
 
 
 def _check_order(name: str, source: Tensor, order: Optional[Tensor]) -> None:
-    """An (L, paths) int64 index of positions of ``source`` (L, B, C): the kernels read through it unchecked."""
+    """An (L, paths) int64 index of positions of ``source`` (L, B, C): the kernels read through it unchecked
+    (its values are checked as `_row_offsets` makes the rows)."""
     if order is None:
         return
     if order.dtype != torch.int64 or order.dim() != 2 or order.shape[0] != source.shape[0]:
         raise ValueError(f'{name}: want an int64 token-order index of shape (L, paths) with L = {source.shape[0]}, '
                          f'got {order.dtype} {tuple(order.shape)}')
-    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= source.shape[0]):
-        raise ValueError(f'{name}: token-order index out of range [0, {source.shape[0]})')
 
 
-def _row_offsets(tensor: Tensor, order: Tensor, per_path: bool = False) -> Tensor:
+def _row_offsets(name: str, tensor: Tensor, order: Tensor, per_path: bool = False,
+                 permutation: bool = False) -> Tensor:
     """(L, paths * B) element offsets, for every position l and sequence p * B + b, of row order[l, p] of
     sequence b of ``tensor`` (L, B, C): what the kernels read through instead of a gathered copy. ``per_path``:
     of sequence b of path p of ``tensor`` (L, paths, B, C) instead (any strides), where a kernel puts each path's
-    rows back in token order."""
-    sequences = torch.arange(tensor.shape[1], device=order.device) * tensor.stride(1)
+    rows back in token order. The library makes them, and refuses an index outside the L positions or, with
+    ``permutation``, a column of ``order`` that is not a permutation of them."""
     if per_path:
-        sequences = sequences[:, None] + torch.arange(tensor.shape[2], device=order.device) * tensor.stride(2)
-    return (order[:, :, None] * tensor.stride(0) + sequences).flatten(1).contiguous()
+        batch, t_stride, p_stride, b_stride = tensor.shape[2], tensor.stride(0), tensor.stride(1), tensor.stride(2)
+    else:
+        batch, t_stride, p_stride, b_stride = tensor.shape[1], tensor.stride(0), 0, tensor.stride(1)
+    order = order.contiguous()
+    length, paths = order.shape
+    rows = torch.empty(length, paths * batch, dtype=torch.int64, device=order.device)
+    error = _library().rsm_row_offsets(_ptr(order), length, paths, batch, t_stride, p_stride, b_stride,
+                                       int(permutation), _ptr(rows))
+    if error == 1:
+        raise ValueError(f'{name}: token-order index out of range [0, {length})')
+    if error == 2:  # else rows of out would go unwritten
+        raise ValueError(f'{name}: every column of out_order must be a permutation of the {length} positions')
+    if error:
+        raise RuntimeError(f'{name}: out of memory making the row offsets of the token orders')
+    return rows
 
 
 def _path_planes_shape(source: Tensor, order: Optional[Tensor]) -> Tuple[int, ...]:
@@ -336,11 +355,11 @@ def _path_planes_shape(source: Tensor, order: Optional[Tensor]) -> Tuple[int, ..
     return tuple(source.shape) if order is None else (order.shape[1], *source.shape)
 
 
-def _plane_rows(planes: Tensor, order: Optional[Tensor]) -> Optional[Tensor]:
+def _plane_rows(name: str, planes: Tensor, order: Optional[Tensor]) -> Optional[Tensor]:
     """The rows a kernel writes sequence p * B + b of a per-path gradient through: plane p of ``planes``
     (paths, L, B, C), back in the source's order. The planes then add up to the source's gradient with no
     gather (`sum_path_planes`)."""
-    return None if order is None else _row_offsets(planes.transpose(0, 1), order, per_path=True)
+    return None if order is None else _row_offsets(name, planes.transpose(0, 1), order, per_path=True)
 
 
 def _sequences(source: Tensor, order: Optional[Tensor]) -> int:
@@ -383,7 +402,8 @@ def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj):
         _check_order('selective_scan_fwd', z, z_order)
     u, delta, B, C, z = (_unit_last_stride(t) for t in (u, delta, B, C, z))
     D, delta_bias, delta_proj = (None if t is None else t.contiguous() for t in (D, delta_bias, delta_proj))
-    z_rows = _row_offsets(z, z_order) if z is not None and z_order is not None else None  # kept by the caller
+    z_rows = (_row_offsets('selective_scan_fwd', z, z_order) if z is not None and z_order is not None
+              else None)  # kept by the caller
     return (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows
 
 
@@ -417,14 +437,11 @@ def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optiona
     if out_order is None:
         return None
     _check_order(name, target, out_order)
-    positions = torch.arange(out_order.shape[0], device=out_order.device)[:, None]
-    if not bool((out_order.sort(dim=0).values == positions).all()):  # else rows of out would go unwritten
-        raise ValueError(f'{name}: every column of out_order must be a permutation of the {out_order.shape[0]} '
-                         f'positions')
     if target.shape[1] % out_order.shape[1]:
         raise ValueError(f'{name}: {target.shape[1]} sequences do not split into the {out_order.shape[1]} paths '
                          f'of out_order')
-    return _row_offsets(target.unflatten(1, (out_order.shape[1], -1)), out_order, per_path=True)
+    return _row_offsets(name, target.unflatten(1, (out_order.shape[1], -1)), out_order, per_path=True,
+                        permutation=True)
 
 
 def _starts_shape(length: int, batch: int, dim: int, n: int, chunk_len: int) -> Tuple[int, ...]:
@@ -465,7 +482,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         raise ValueError(f'selective_scan_bwd: chunk-start states of shape {expected} needed, got '
                          f'{tuple(starts.shape)} (run the forward with save_starts=True)')
     grads = _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj)
-    dz_rows = _plane_rows(grads[6], z_order) if z is not None else None
+    dz_rows = _plane_rows('selective_scan_bwd', grads[6], z_order) if z is not None else None
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows, delta_proj)
@@ -542,7 +559,7 @@ def _conv_inputs(x, weight, bias, order):
     _check_dtypes('causal_conv1d', x, weight, bias)
     _check_order('causal_conv1d', x, order)
     x = _unit_last_stride(x)
-    x_rows = _row_offsets(x, order) if order is not None else None  # the caller keeps it while the kernel runs
+    x_rows = _row_offsets('causal_conv1d', x, order) if order is not None else None  # kept by the caller
     return x, weight, None if bias is None else bias.contiguous(), x_rows
 
 
@@ -580,7 +597,7 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: T
     args = _conv_args(x, weight, bias, silu, order, x_rows)
     args.dout, args.dout_t, args.dout_b = _ptr(dout), dout.stride(0), dout.stride(1)
     args.dx, args.dweight, args.dbias = _ptr(grads[0]), _ptr(grads[1]), _ptr(grads[2]) if bias is not None else None
-    dx_rows = _plane_rows(grads[0], order)
+    dx_rows = _plane_rows('causal_conv1d', grads[0], order)
     args.dx_rows = _ptr(dx_rows)
     _call('rsm_conv_backward', x, args)
     return grads
