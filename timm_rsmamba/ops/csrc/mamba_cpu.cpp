@@ -266,32 +266,24 @@ inline vfloat vlog1p_unit(vfloat w) {
   return w * q;
 }
 
-// bound > x ? bound : x and bound < x ? bound : x (so x where either is NaN): x86's max and min, one
+// bound > x ? bound : x (kMax) or bound < x ? bound : x, so x where either is NaN: x86's max and min, one
 // instruction each, where g++ 12 makes the same ?: with a constant bound a compare and a variable blend. Other
 // targets keep the ?:.
-inline vfloat at_least(vfloat bound, vfloat x) {
+template <bool kMax>
+inline vfloat bounded(vfloat bound, vfloat x) {
 #if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
-  return (vfloat)_mm512_max_ps((__m512)bound, (__m512)x);
+  return (vfloat)(kMax ? _mm512_max_ps((__m512)bound, (__m512)x) : _mm512_min_ps((__m512)bound, (__m512)x));
 #elif RSM_VEC_BYTES == 32 && defined(__AVX__)
-  return (vfloat)_mm256_max_ps((__m256)bound, (__m256)x);
+  return (vfloat)(kMax ? _mm256_max_ps((__m256)bound, (__m256)x) : _mm256_min_ps((__m256)bound, (__m256)x));
 #elif RSM_VEC_BYTES == 16 && defined(__SSE__)
-  return (vfloat)_mm_max_ps((__m128)bound, (__m128)x);
+  return (vfloat)(kMax ? _mm_max_ps((__m128)bound, (__m128)x) : _mm_min_ps((__m128)bound, (__m128)x));
 #else
-  return bound > x ? bound : x;
+  return (kMax ? bound > x : bound < x) ? bound : x;
 #endif
 }
 
-inline vfloat at_most(vfloat bound, vfloat x) {
-#if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
-  return (vfloat)_mm512_min_ps((__m512)bound, (__m512)x);
-#elif RSM_VEC_BYTES == 32 && defined(__AVX__)
-  return (vfloat)_mm256_min_ps((__m256)bound, (__m256)x);
-#elif RSM_VEC_BYTES == 16 && defined(__SSE__)
-  return (vfloat)_mm_min_ps((__m128)bound, (__m128)x);
-#else
-  return bound < x ? bound : x;
-#endif
-}
+inline vfloat at_least(vfloat bound, vfloat x) { return bounded<true>(bound, x); }
+inline vfloat at_most(vfloat bound, vfloat x) { return bounded<false>(bound, x); }
 
 // exp(-|x|), in (0, 1]. Below -87 (-125.5 in log2) it stays at exp(-87) ~ 2e-38 instead of going to 0:
 // the same to softplus and sigmoid within float precision, and the unguarded 2^x needs no test. -|x| is x
