@@ -223,6 +223,66 @@ void check(const char* what, const char* name, const Array& got, const Array& wa
   std::printf("%s %s %s: %.2e\n", ok ? "ok  " : "FAIL", what, name, err / scale);
 }
 
+// The float32 math lane by lane against libm in double: the largest |got / want - 1| / (rel + rel_x |a b|) over
+// the argument pairs (as[i], bs[i]), got(a, b) the kernel's on vectors of them, want(a, b) the reference.
+template <typename Got, typename Want>
+void check_elementwise(const char* name, const Array& as, const Array& bs, Got got, Want want, double rel,
+                       double rel_x) {
+  constexpr int kL = kLanes<float>;
+  double worst = 0;
+  for (size_t i = 0; i + kL <= as.size(); i += kL) {
+    vfloat a, b;
+    for (int l = 0; l < kL; ++l) a[l] = static_cast<float>(as[i + l]), b[l] = static_cast<float>(bs[i + l]);
+    const vfloat y = got(a, b);
+    for (int l = 0; l < kL; ++l) {
+      const double x = double(a[l]) * b[l], w = want(x);
+      const double err = std::fabs(y[l] / w - 1) / (rel + rel_x * std::fabs(x));
+      worst = std::isnan(err) ? HUGE_VAL : std::max(worst, err);
+    }
+  }
+  const bool ok = worst <= 1;
+  if (!ok) ++failures;
+  std::printf("%s math %s: %.2f of its bound\n", ok ? "ok  " : "FAIL", name, worst);
+}
+
+// Whether every lane of got is want (NaN: is NaN).
+bool all_lanes(vfloat got, float want) {
+  for (int l = 0; l < kLanes<float>; ++l) {
+    if (!(got[l] == want || (std::isnan(got[l]) && std::isnan(want)))) return false;
+  }
+  return true;
+}
+
+// 2^(a b), guarded and not, over its whole unguarded range [-125.5, 127.5] (b = 1) and as the decays use it
+// (a = delta, b = A log2 e, a b not rounded first), the guarded form's ends, and the softplus and sigmoid built
+// on it. Bounds: a few 1e-7 relative, the float32 math's own, and a further ~4e-8 |a b| where a b is rounded
+// once (AVX-512) or the argument carries log2 e rounded to float (1.3e-8 off: softplus and sigmoid).
+void check_math() {
+  Array sweep, ones(1 << 20, 1.0), deltas, a_log2e;
+  for (int i = 0; i < 1 << 20; ++i) sweep.push_back(-125.5 + 253.0 * i / ((1 << 20) - 1));
+  const auto exp2_ref = [](double x) { return std::exp2(x); };
+  check_elementwise("2^x", sweep, ones, [](vfloat a, vfloat b) { return pow2_of_product<false>(a, b); }, exp2_ref,
+                    3e-7, 5e-8);
+  check_elementwise("2^x guarded", sweep, ones, [](vfloat a, vfloat b) { return pow2_of_product<true>(a, b); },
+                    exp2_ref, 3e-7, 5e-8);
+  std::mt19937 g(11);
+  std::uniform_real_distribution<double> delta(1e-3, 8.0), a2(-15.0, 0.0);
+  for (int i = 0; i < 1 << 18; ++i) deltas.push_back(delta(g)), a_log2e.push_back(a2(g));
+  check_elementwise("2^(delta A log2 e)", deltas, a_log2e,
+                    [](vfloat a, vfloat b) { return pow2_of_product<false>(a, b); }, exp2_ref, 3e-7, 5e-8);
+  const vfloat one = splat<vfloat>(1.0f);
+  bool ends = all_lanes(pow2_of_product<true>(one, splat<vfloat>(NAN)), NAN);
+  for (float x : {-126.5f, -200.0f, -1e30f}) ends &= all_lanes(pow2_of_product<true>(one, splat<vfloat>(x)), 0.0f);
+  for (float x : {128.5f, 200.0f, 1e30f}) ends &= all_lanes(pow2_of_product<true>(one, splat<vfloat>(x)), HUGE_VALF);
+  if (!ends) ++failures;
+  std::printf("%s math 2^x guarded: 0 below -126.5, +inf above 128.5, NaN kept\n", ends ? "ok  " : "FAIL");
+  Array zs;  // exp(-|x|) is held at exp(-87) beyond
+  for (int i = 0; i < 1 << 18; ++i) zs.push_back(-87.0 + 174.0 * i / ((1 << 18) - 1));
+  const Array z_ones(zs.size(), 1.0);
+  check_elementwise("softplus", zs, z_ones, [](vfloat a, vfloat) { return vsoftplus(a); }, softplus_ref, 5e-7, 8e-8);
+  check_elementwise("sigmoid", zs, z_ones, [](vfloat a, vfloat) { return vsigmoid(a); }, sigmoid_ref, 5e-7, 8e-8);
+}
+
 void check_scan(const char* what, const ScanCase& c, double tol32, double tol64) {
   std::mt19937 g(static_cast<unsigned>(c.L * 131 + c.dim * 7 + c.n));
   const ScanData x(c, g);
@@ -331,6 +391,7 @@ int main() {
     check_scan("delta projected", ScanCase{37, 3, 20, 16, 16, true, true, true, 6}, 2e-5, 1e-11);
     check_scan("delta projected, one sequence", ScanCase{37, 1, 70, 16, 8, true, true, false, 5}, 2e-5, 1e-11);
   }
+  check_math();
   for (bool silu : {true, false}) {
     check_conv_precision<float>(37, 3, 20, 4, silu, 2e-5);
     check_conv_precision<double>(37, 3, 20, 4, silu, 1e-12);

@@ -199,10 +199,20 @@ inline void add_to(T* p, Vec<T> v, int lanes) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^(a b). kGuarded: any a b; below -125.5 the result is 0 (no denormals), above 127.5 +inf. Unguarded, the
-// caller guarantees -125.5 <= a b <= 127.5, two to three instructions fewer: the decays of a tile whose
-// deltas keep delta A in range (`decays_in_range`), nearly all of them. 2^x = 2^k 2^f with k an integer, 2^f a
-// degree-5 polynomial fitted for relative error (Lawson iterations).
+// 2^(a b). kGuarded: any a b; below -125.5 the result is 0 (no denormals, which slow the states' loop down
+// manyfold), above 127.5 +inf, NaN stays NaN. Unguarded, the caller guarantees -125.5 <= a b <= 127.5, two to
+// three instructions fewer: the decays of a tile whose deltas keep delta A in range (`decays_in_range`),
+// nearly all of them. Every form splits 2^x into 2^(an integer) times a polynomial's 2^(the rest), the
+// polynomials fitted for relative error (Lawson iterations). tests/csrc/test_mamba_cpu.cpp checks each build's
+// 2^x against exp2 over the whole range.
+
+// r = 2^x where -125.5 <= x <= 127.5, else 0, +inf or NaN as above (x = a b, rounded: the guarded path only).
+// NaN is tested for: its payload bits, shifted into the exponent, could make r finite.
+inline vfloat guarded(vfloat r, vfloat x) {
+  const vfloat r_low = x < -125.5f ? vfloat{} : (x == x ? r : x);
+  return x > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
+}
+
 #if RSM_VEC_BYTES == 64 && defined(__AVX512F__)
 // AVX-512: f = x - floor(x) in [0, 1) in one instruction (vreduceps), and vscalefps multiplies by 2^floor(x):
 // 8 operations for the FMA ports where the form below takes 9, and the scan's forward 0.93x on a Xeon, whose
@@ -217,12 +227,9 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
   p = p * f + 0.24015361070632935f;
   p = p * f + 0.6931530833244324f;
   p = p * f + 0.9999999403953552f;
-  if constexpr (kGuarded) {  // zeroed (masked) below the range
-    const __mmask16 normal = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.5f), _CMP_GE_OQ);
-    const vfloat r = (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, (__m512)x);
-    return x > 127.5f ? splat<vfloat>(__builtin_inff()) : r;
-  }
-  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)x);
+  const vfloat r = (vfloat)_mm512_scalef_ps((__m512)p, (__m512)x);
+  if constexpr (kGuarded) return guarded(r, x);
+  return r;
 }
 #else
 // |f| <= 1/2: adding 1.5 * 2^23 rounds x to k and leaves k in the low mantissa bits (two's complement). x = a b:
@@ -244,10 +251,7 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
   // 2^k p: k shifted into the exponent field and added to p's, two integer ops in place of a multiply (the
   // FMA units are what the states' loop waits on: the AVX2 build's scan forward 3% faster on a Zen 4)
   const vfloat r = (vfloat)((vint)p + ((vint)t << 23));
-  if constexpr (kGuarded) {  // (a NaN's payload bits, shifted into the exponent, could make it finite)
-    const vfloat r_low = k < -125.5f ? vfloat{} : (k == k ? r : k);
-    return k > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
-  }
+  if constexpr (kGuarded) return guarded(r, a * b);  // on a b, not k: 2^-125.5 itself is k = -126's
   return r;
 }
 #endif
