@@ -390,6 +390,8 @@ int main() {
     // sequence's blocks split into ranges, a partial block)
     check_scan("delta projected", ScanCase{37, 3, 20, 16, 16, true, true, true, 6}, 2e-5, 1e-11);
     check_scan("delta projected, one sequence", ScanCase{37, 1, 70, 16, 8, true, true, false, 5}, 2e-5, 1e-11);
+    // rank 12, rsmamba_base's: the gradients' ranks in a group of 8 and one of 4
+    check_scan("delta projected, rank 12", ScanCase{21, 2, 20, 16, 8, true, true, true, 12}, 2e-5, 1e-11);
   }
   check_math();
   for (bool silu : {true, false}) {

@@ -510,6 +510,16 @@ void for_each_group(int n, const F& group) {
   if (full < n) group(std::integral_constant<int, 0>{}, full, n - full);
 }
 
+// Calls f(std::integral_constant<int, m>{}) for 1 <= m <= kMax: loops of m steps unrolled, with m sums in
+// registers where a count known only at run time kept them on the stack.
+template <int kMax, typename F>
+void with_count(int m, const F& f) {
+  if constexpr (kMax > 1) {
+    if (m < kMax) return with_count<kMax - 1>(m, f);
+  }
+  f(std::integral_constant<int, kMax>{});
+}
+
 // Per position of a tile (or chunk) and block of the item, what the states' loops read and write: the
 // prologue and the epilogue walk them position by position through all blocks, so u, delta, z and the
 // outputs stream through memory row by row; the states' loops then walk one block through the tile.
@@ -862,30 +872,32 @@ void project_gradients(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int6
   const int64_t rank = p.rank;
   const T* dt0 = p.delta + t0 * p.delta_t + b * p.delta_b;
   for (int64_t q0 = 0; q0 < rank; q0 += kRanks) {
-    const int m = static_cast<int>(std::min<int64_t>(kRanks, rank - q0));
-    for (int i = 0; i < cl; ++i) {
-      V acc[kRanks] = {};
-      for (int64_t k = k0; k < k1; ++k) {
-        const V dd = r.ddeltas[r.at(i, k - k0)];
-        const V* w = p.proj.data() + k * rank + q0;
-        for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * w[j];
-      }
-      T* out = ddt + ((t0 + i) * p.batch + b) * rank + q0;
-      for (int j = 0; j < m; ++j) {
-        T sum = 0;
-        for (int l = 0; l < kLanes<T>; ++l) sum += acc[j][l];
-        out[j] = sum;
-      }
-    }
-    for (int64_t k = k0; k < k1; ++k) {
-      V acc[kRanks] = {};
+    with_count<kRanks>(static_cast<int>(std::min<int64_t>(kRanks, rank - q0)), [&](auto count) {
+      constexpr int m = decltype(count)::value;
       for (int i = 0; i < cl; ++i) {
-        const V dd = r.ddeltas[r.at(i, k - k0)];
-        const T* dt = dt0 + i * p.delta_t + q0;
-        for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * dt[j];
+        V acc[m] = {};
+        for (int64_t k = k0; k < k1; ++k) {
+          const V dd = r.ddeltas[r.at(i, k - k0)];
+          const V* w = p.proj.data() + k * rank + q0;
+          for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * w[j];
+        }
+        T* out = ddt + ((t0 + i) * p.batch + b) * rank + q0;
+        for (int j = 0; j < m; ++j) {
+          T sum = 0;
+          for (int l = 0; l < kLanes<T>; ++l) sum += acc[j][l];
+          out[j] = sum;
+        }
       }
-      for (int j = 0; j < m; ++j) dproj[k * rank + q0 + j] = dproj[k * rank + q0 + j] + acc[j];
-    }
+      for (int64_t k = k0; k < k1; ++k) {
+        V acc[m] = {};
+        for (int i = 0; i < cl; ++i) {
+          const V dd = r.ddeltas[r.at(i, k - k0)];
+          const T* dt = dt0 + i * p.delta_t + q0;
+          for (int j = 0; j < m; ++j) acc[j] = acc[j] + dd * dt[j];
+        }
+        for (int j = 0; j < m; ++j) dproj[k * rank + q0 + j] = dproj[k * rank + q0 + j] + acc[j];
+      }
+    });
   }
 }
 
