@@ -365,7 +365,8 @@ void check_conv_precision(int64_t L, int64_t nb, int64_t nd, int64_t K, bool sil
     }
   }
   char label[64];
-  std::snprintf(label, sizeof label, "conv L=%ld silu=%d %s", static_cast<long>(L), silu, f32 ? "f32" : "f64");
+  std::snprintf(label, sizeof label, "conv L=%ld taps=%ld silu=%d %s", static_cast<long>(L), static_cast<long>(K), silu,
+                f32 ? "f32" : "f64");
   check(label, "out", Array(oT.begin(), oT.end()), out, tol);
   check(label, "dx", Array(dxT.begin(), dxT.end()), dx_dense, tol);
   check(label, "dweight", Array(dwT.begin(), dwT.end()), dw, tol);
@@ -399,6 +400,8 @@ int main() {
     check_conv_precision<double>(37, 3, 20, 4, silu, 1e-12);
   }
   check_conv_precision<float>(2, 2, 6, 4, true, 2e-5);  // fewer positions than taps
+  check_conv_precision<double>(37, 3, 20, 3, true, 1e-12);  // 3 taps (the backward's loops built per count)
+  check_conv_precision<double>(37, 3, 20, 8, true, 1e-12);  // kMaxTaps
   std::printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }

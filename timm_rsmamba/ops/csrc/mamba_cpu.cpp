@@ -1131,24 +1131,28 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
         grads[(t - t0) * blocks + d0 / kLanes<T>] = g;
       });
     }
-    for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
-      constexpr bool kFull = decltype(full)::value;
-      const V* g = grads + d0 / kLanes<T>;
-      V dw[kMaxTaps] = {}, db = {};
-      for (int64_t t = t0; t < t1; ++t) {
-        const V gt = g[(t - t0) * blocks];
-        V acc = {};
-        for (int64_t k = 0; k < p.taps; ++k) {
-          const int64_t src = t + (p.taps - 1 - k), back = t - (p.taps - 1 - k);
-          const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
-          if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
-          if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
+    // the taps known at compile time: dw's sums in registers (with_count)
+    with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto count) {
+      constexpr int taps = decltype(count)::value;
+      for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+        constexpr bool kFull = decltype(full)::value;
+        const V* g = grads + d0 / kLanes<T>;
+        V dw[taps] = {}, db = {};
+        for (int64_t t = t0; t < t1; ++t) {
+          const V gt = g[(t - t0) * blocks];
+          V acc = {};
+          for (int k = 0; k < taps; ++k) {
+            const int64_t src = t + (taps - 1 - k), back = t - (taps - 1 - k);
+            const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
+            if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
+            if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
+          }
+          store<kFull>(dx_at[t - t0] + d0, acc, lanes);
+          db = db + gt;
         }
-        store<kFull>(dx_at[t - t0] + d0, acc, lanes);
-        db = db + gt;
-      }
-      for (int64_t k = 0; k < p.taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
-      add_to<kFull>(dbias + d0, db, lanes);
+        for (int k = 0; k < taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
+        add_to<kFull>(dbias + d0, db, lanes);
+      });
     });
   }
 }
