@@ -1065,13 +1065,14 @@ struct ConvRows {
   const T* const* taps_of(const Conv<T>& p, int64_t t) const { return at + (t - (p.taps - 1) - first); }
 };
 
-// bias + sum_k weight[:, k] x[t - (K-1) + k] (before the SiLU) for one (position, block), from the taps' rows
-template <bool kFull, typename T>
+// bias + sum_k weight[:, k] x[t - (K-1) + k] (before the SiLU) for one (position, block), from the taps' rows;
+// K = kTaps, known at compile time (the conv's loops are built per tap count: `with_count`).
+template <bool kFull, int kTaps, typename T>
 Vec<T> pre_activation(const Conv<T>& p, const T* const* rows, int64_t k0, int64_t d0, int lanes) {
   const T* const weight = p.weight_t.data();
   Vec<T> acc = p.bias ? load<kFull>(p.bias + d0, lanes) : Vec<T>{};
-  for (int64_t k = k0; k < p.taps; ++k) {
-    acc = acc + load<kFull>(weight + k * p.dim + d0, lanes) * load<kFull>(rows[k] + d0, lanes);
+  for (int k = 0; k < kTaps; ++k) {
+    if (k >= k0) acc = acc + load<kFull>(weight + k * p.dim + d0, lanes) * load<kFull>(rows[k] + d0, lanes);
   }
   return acc;
 }
@@ -1093,26 +1094,28 @@ void for_each_row_block(int64_t dim, const F& row) {
 
 template <typename T>
 void conv_forward(const Conv<T>& p, T* out) {
-  // no recurrence: threads take positions and stream through memory in order
-  parallel_for(p.length, p.threads, [&](int64_t t, int) {
-    const int64_t k0 = first_tap(p, t);
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const ConvRows<T> window(p, b, t - (p.taps - 1), t + 1);
-      const T* const* rows = window.taps_of(p, t);
-      T* row_out = out + (t * p.batch + b) * p.dim;
-      for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
-        constexpr bool kFull = decltype(full)::value;
-        const Vec<T> pre = pre_activation<kFull>(p, rows, k0, d0, lanes);
-        store<kFull>(row_out + d0, p.silu ? vsilu(pre) : pre, lanes);
-      });
-    }
+  with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto taps) {
+    // no recurrence: threads take positions and stream through memory in order
+    parallel_for(p.length, p.threads, [&](int64_t t, int) {
+      const int64_t k0 = first_tap(p, t);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const ConvRows<T> window(p, b, t - (p.taps - 1), t + 1);
+        const T* const* rows = window.taps_of(p, t);
+        T* row_out = out + (t * p.batch + b) * p.dim;
+        for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+          constexpr bool kFull = decltype(full)::value;
+          const Vec<T> pre = pre_activation<kFull, decltype(taps)::value>(p, rows, k0, d0, lanes);
+          store<kFull>(row_out + d0, p.silu ? vsilu(pre) : pre, lanes);
+        });
+      }
+    });
   });
 }
 
 // One tile of positions t0 .. t0 + kConvTile: dL/d(pre-activation) of the tile and the taps - 1 positions
 // after it (re-computed from x, row by row), then dx_t = sum_k weight_k dpre_{t + (K-1) - k},
 // dweight_k += dpre_t x_{t - (K-1) + k} and dbias += dpre_t over the tile, also row by row.
-template <typename T>
+template <int kTaps, typename T>
 void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* dweight, T* dbias) {
   typedef Vec<T> V;
   const int64_t blocks = (p.dim + kLanes<T> - 1) / kLanes<T>;
@@ -1127,32 +1130,28 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
       for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
         constexpr bool kFull = decltype(full)::value;
         V g = load<kFull>(p.dout + t * p.dout_t + b * p.dout_b + d0, lanes);
-        if (p.silu) g = g * vsilu_grad(pre_activation<kFull>(p, taps, k0, d0, lanes));
+        if (p.silu) g = g * vsilu_grad(pre_activation<kFull, kTaps>(p, taps, k0, d0, lanes));
         grads[(t - t0) * blocks + d0 / kLanes<T>] = g;
       });
     }
-    // the taps known at compile time: dw's sums in registers (with_count)
-    with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto count) {
-      constexpr int taps = decltype(count)::value;
-      for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
-        constexpr bool kFull = decltype(full)::value;
-        const V* g = grads + d0 / kLanes<T>;
-        V dw[taps] = {}, db = {};
-        for (int64_t t = t0; t < t1; ++t) {
-          const V gt = g[(t - t0) * blocks];
-          V acc = {};
-          for (int k = 0; k < taps; ++k) {
-            const int64_t src = t + (taps - 1 - k), back = t - (taps - 1 - k);
-            const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
-            if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
-            if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
-          }
-          store<kFull>(dx_at[t - t0] + d0, acc, lanes);
-          db = db + gt;
+    for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
+      constexpr bool kFull = decltype(full)::value;
+      const V* g = grads + d0 / kLanes<T>;
+      V dw[kTaps] = {}, db = {};  // in registers: kTaps is known at compile time
+      for (int64_t t = t0; t < t1; ++t) {
+        const V gt = g[(t - t0) * blocks];
+        V acc = {};
+        for (int k = 0; k < kTaps; ++k) {
+          const int64_t src = t + (kTaps - 1 - k), back = t - (kTaps - 1 - k);
+          const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
+          if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
+          if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
         }
-        for (int k = 0; k < taps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
-        add_to<kFull>(dbias + d0, db, lanes);
-      });
+        store<kFull>(dx_at[t - t0] + d0, acc, lanes);
+        db = db + gt;
+      }
+      for (int k = 0; k < kTaps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
+      add_to<kFull>(dbias + d0, db, lanes);
     });
   }
 }
@@ -1163,8 +1162,11 @@ void conv_backward(const Conv<T>& p, T* dx, T* dweight_out, T* dbias_out) {
   const int64_t threads = std::max<int64_t>(1, std::min(p.threads, tiles));
   Partials<T> dweight(tiles, p.taps * p.dim), dbias(tiles, p.dim);
   std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>((kConvTile + p.taps - 1) * blocks));
-  parallel_for(tiles, threads, [&](int64_t tile, int thread) {
-    conv_backward_tile(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(tile), dbias.of(tile));
+  with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto taps) {
+    parallel_for(tiles, threads, [&](int64_t tile, int thread) {
+      conv_backward_tile<decltype(taps)::value>(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(tile),
+                                                dbias.of(tile));
+    });
   });
   std::vector<T> dweight_t(p.taps * p.dim);
   dweight.sum_into(dweight_t.data());
