@@ -1065,13 +1065,28 @@ struct ConvRows {
   const T* const* taps_of(const Conv<T>& p, int64_t t) const { return at + (t - (p.taps - 1) - first); }
 };
 
-// bias + sum_k weight[:, k] x[t - (K-1) + k] (before the SiLU) for one (position, block), from the taps' rows;
-// K = kTaps, known at compile time (the conv's loops are built per tap count: `with_count`).
+// The conv's loops are built for Mamba's 4 taps, unrolled with their sums in registers, and once more for any
+// other count, read at run time: kTaps is 4 or 0 (`with_taps`). One build per count up to kMaxTaps made the
+// library's build 2.2 s longer.
+constexpr int kMambaTaps = 4;
+
+template <typename F>
+void with_taps(int64_t taps, const F& f) {
+  if (taps == kMambaTaps) return f(std::integral_constant<int, kMambaTaps>{});
+  f(std::integral_constant<int, 0>{});
+}
+
+template <int kTaps, typename T>
+int taps_of(const Conv<T>& p) {
+  return kTaps ? kTaps : static_cast<int>(p.taps);
+}
+
+// bias + sum_k weight[:, k] x[t - (K-1) + k] (before the SiLU) for one (position, block), from the taps' rows
 template <bool kFull, int kTaps, typename T>
 Vec<T> pre_activation(const Conv<T>& p, const T* const* rows, int64_t k0, int64_t d0, int lanes) {
   const T* const weight = p.weight_t.data();
   Vec<T> acc = p.bias ? load<kFull>(p.bias + d0, lanes) : Vec<T>{};
-  for (int k = 0; k < kTaps; ++k) {
+  for (int k = 0; k < taps_of<kTaps>(p); ++k) {
     if (k >= k0) acc = acc + load<kFull>(weight + k * p.dim + d0, lanes) * load<kFull>(rows[k] + d0, lanes);
   }
   return acc;
@@ -1094,7 +1109,7 @@ void for_each_row_block(int64_t dim, const F& row) {
 
 template <typename T>
 void conv_forward(const Conv<T>& p, T* out) {
-  with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto taps) {
+  with_taps(p.taps, [&](auto taps) {
     // no recurrence: threads take positions and stream through memory in order
     parallel_for(p.length, p.threads, [&](int64_t t, int) {
       const int64_t k0 = first_tap(p, t);
@@ -1137,12 +1152,13 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
     for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
       constexpr bool kFull = decltype(full)::value;
       const V* g = grads + d0 / kLanes<T>;
-      V dw[kTaps] = {}, db = {};  // in registers: kTaps is known at compile time
+      const int K = taps_of<kTaps>(p);
+      V dw[kTaps ? kTaps : kMaxTaps] = {}, db = {};
       for (int64_t t = t0; t < t1; ++t) {
         const V gt = g[(t - t0) * blocks];
         V acc = {};
-        for (int k = 0; k < kTaps; ++k) {
-          const int64_t src = t + (kTaps - 1 - k), back = t - (kTaps - 1 - k);
+        for (int k = 0; k < K; ++k) {
+          const int64_t src = t + (K - 1 - k), back = t - (K - 1 - k);
           const V wk = load<kFull>(p.weight_t.data() + k * p.dim + d0, lanes);
           if (src < p.length) acc = acc + wk * g[(src - t0) * blocks];
           if (back >= 0) dw[k] = dw[k] + gt * load<kFull>(rows.at[back - rows.first] + d0, lanes);
@@ -1150,7 +1166,7 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
         store<kFull>(dx_at[t - t0] + d0, acc, lanes);
         db = db + gt;
       }
-      for (int k = 0; k < kTaps; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
+      for (int k = 0; k < K; ++k) add_to<kFull>(dweight + k * p.dim + d0, dw[k], lanes);
       add_to<kFull>(dbias + d0, db, lanes);
     });
   }
@@ -1162,7 +1178,7 @@ void conv_backward(const Conv<T>& p, T* dx, T* dweight_out, T* dbias_out) {
   const int64_t threads = std::max<int64_t>(1, std::min(p.threads, tiles));
   Partials<T> dweight(tiles, p.taps * p.dim), dbias(tiles, p.dim);
   std::vector<std::vector<Vec<T>>> grads(threads, std::vector<Vec<T>>((kConvTile + p.taps - 1) * blocks));
-  with_count<kMaxTaps>(static_cast<int>(p.taps), [&](auto taps) {
+  with_taps(p.taps, [&](auto taps) {
     parallel_for(tiles, threads, [&](int64_t tile, int thread) {
       conv_backward_tile<decltype(taps)::value>(p, tile * kConvTile, grads[thread].data(), dx, dweight.of(tile),
                                                 dbias.of(tile));
