@@ -1077,7 +1077,7 @@ void with_taps(int64_t taps, const F& f) {
 }
 
 template <int kTaps, typename T>
-int taps_of(const Conv<T>& p) {
+int tap_count(const Conv<T>& p) {
   return kTaps ? kTaps : static_cast<int>(p.taps);
 }
 
@@ -1086,7 +1086,7 @@ template <bool kFull, int kTaps, typename T>
 Vec<T> pre_activation(const Conv<T>& p, const T* const* rows, int64_t k0, int64_t d0, int lanes) {
   const T* const weight = p.weight_t.data();
   Vec<T> acc = p.bias ? load<kFull>(p.bias + d0, lanes) : Vec<T>{};
-  for (int k = 0; k < taps_of<kTaps>(p); ++k) {
+  for (int k = 0; k < tap_count<kTaps>(p); ++k) {
     if (k >= k0) acc = acc + load<kFull>(weight + k * p.dim + d0, lanes) * load<kFull>(rows[k] + d0, lanes);
   }
   return acc;
@@ -1152,7 +1152,7 @@ void conv_backward_tile(const Conv<T>& p, int64_t t0, Vec<T>* grads, T* dx, T* d
     for_each_row_block<T>(p.dim, [&](auto full, int64_t d0, int lanes) {
       constexpr bool kFull = decltype(full)::value;
       const V* g = grads + d0 / kLanes<T>;
-      const int K = taps_of<kTaps>(p);
+      const int K = tap_count<kTaps>(p);
       V dw[kTaps ? kTaps : kMaxTaps] = {}, db = {};
       for (int64_t t = t0; t < t1; ++t) {
         const V gt = g[(t - t0) * blocks];
