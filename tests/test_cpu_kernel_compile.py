@@ -31,9 +31,11 @@ def test_scan_ops_pass_opcheck(dtype):
     args = [x[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
     grad_args = [t.detach().clone().requires_grad_() for t in args]
     torch.library.opcheck(ops.cpu_selective_scan_fwd, (*grad_args, True, 4, True))
-    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True)
+    _, starts, *_ = ops.cpu_selective_scan_fwd(*args, True, 4, True)
     dout, dlast = torch.randn(13, 2, 20, dtype=dtype), torch.randn(16, 2, 20, dtype=dtype)
     torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, dlast, True, 4))
+    dout_sums = torch.randn(2, 20, dtype=dtype)  # the gradient of the forward's sums of out
+    torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, None, None, None, dout_sums))
 
 
 def test_scan_ops_reading_token_orders_pass_opcheck():
@@ -44,7 +46,7 @@ def test_scan_ops_reading_token_orders_pass_opcheck():
     args = [x[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
     grad_args = [t.detach().clone().requires_grad_() for t in args]
     torch.library.opcheck(ops.cpu_selective_scan_fwd, (*grad_args, True, 4, True, order))
-    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True, order)
+    _, starts, *_ = ops.cpu_selective_scan_fwd(*args, True, 4, True, order)
     dout = torch.randn(13, 6, 20)
     torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, order))
 
@@ -58,7 +60,7 @@ def test_scan_ops_projecting_delta_pass_opcheck():
     grad_args = [t.detach().clone().requires_grad_() for t in args]
     torch.library.opcheck(ops.cpu_selective_scan_fwd,
                           (*grad_args, True, 4, True, None, None, weight.clone().requires_grad_()))
-    _, starts, _ = ops.cpu_selective_scan_fwd(*args, True, 4, True, None, None, weight)
+    _, starts, *_ = ops.cpu_selective_scan_fwd(*args, True, 4, True, None, None, weight)
     dout = torch.randn(13, 2, 20)
     torch.library.opcheck(ops.cpu_selective_scan_bwd, (*args, starts, dout, None, True, 4, None, None, weight))
 

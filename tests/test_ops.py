@@ -212,6 +212,48 @@ def test_cpu_kernel_last_state_is_differentiable(loss_on):
             assert ((xs_new[name].grad - t.grad).abs().max() / t.grad.abs().max()) < 1e-4, name
 
 
+@pytest.mark.parametrize('backend', ['cpu_kernel', 'chunked'])
+@pytest.mark.parametrize('loss_on', ['output and sum', 'sum only'])
+def test_scan_returns_its_output_summed_over_positions(backend, loss_on):
+    """return_out_sum: (out, last state, sum), the sum and every gradient through it as torch's sum of the
+    reference's out. The C++ scan sums out as it writes it (here back in token order through out_order, which
+    leaves the sums as they are), and adds the sum's gradient to dout's at every position; with a loss on the
+    sum only, it gets no dout at all."""
+    order = token_orders(37)
+    x = make_inputs(6, 20, 37, 16)  # 3 token orders of 2 sequences
+    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    y_ref = selective_scan_reference(**xs_ref, delta_softplus=True)
+    y, last, total = selective_scan(**xs_new, delta_softplus=True, return_last_state=True, backend=backend,
+                                    out_order=order, return_out_sum=True)
+    assert total.shape == (6, 20) and last.shape == (6, 20, 16)
+    torch.testing.assert_close(total, y_ref.sum(-1), rtol=1e-5, atol=1e-4)
+    w_out, w_sum = torch.randn(6, 20, 37), torch.randn(6, 20)
+    loss_ref = (y_ref.sum(-1) * w_sum).sum()
+    loss_new = (total * w_sum).sum()
+    if loss_on == 'output and sum':  # out is back in token order: the reference's, restored
+        loss_ref = loss_ref + (scan_module.restore_channel_major(y_ref, order) * w_out).sum()
+        loss_new = loss_new + (y * w_out).sum()
+    loss_ref.backward()
+    loss_new.backward()
+    for name, t in xs_ref.items():
+        if t is not None:
+            scale = t.grad.abs().max().clamp_min(1e-6)
+            assert ((xs_new[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+
+
+def test_cpu_kernel_out_sum_gradcheck_float64():
+    """float64 gradcheck of the C++ scan's sums of out (z read and out written through token orders)."""
+    order = token_orders(5)
+    s = make_inputs(6, 3, 5, 2, dtype=torch.float64)
+    s = {k: v.requires_grad_() for k, v in s.items()}
+    s['z'] = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    names = list(s)
+    assert torch.autograd.gradcheck(
+        lambda *args: selective_scan(**dict(zip(names, args)), delta_softplus=True, backend='cpu_kernel',
+                                     z_order=order, out_order=order, return_out_sum=True), tuple(s.values()))
+
+
 def test_cpu_kernel_gradients_repeat_bit_for_bit():
     """The parameter gradients sum over work items that threads take in any order: the sums must not depend on
     it (exact resume compares weights bit for bit)."""

@@ -13,7 +13,7 @@ using Array = std::vector<double>;
 
 struct ScanCase {
   int64_t L, batch, dim, n, chunk;
-  bool softplus, with_z, with_dlast;
+  bool softplus, with_z, with_dlast;  // with_dlast: the last state's gradient given, and the out sums'
   int64_t rank = 0;  // > 0: the kernel projects delta from a low-rank dt itself (delta_proj)
 };
 
@@ -23,8 +23,9 @@ double sigmoid_ref(double x) { return 1 / (1 + std::exp(-x)); }
 struct ScanData {
   // u, delta, z, dout (L, batch, dim) contiguous; B and C interleaved in one (L, batch, 2 n + 3) array, as
   // the slices of x_proj's output the mixer passes; A (dim, n); D, bias (dim); dlast (n, batch, dim). With a
-  // rank, delta = dt W^T: dt (L, batch, rank) in rows of rank + 3, W (dim, rank)
-  Array u, delta, z, dout, BC, A, D, bias, dlast, dt, W;
+  // rank, delta = dt W^T: dt (L, batch, rank) in rows of rank + 3, W (dim, rank); dsums (batch, dim), the
+  // gradient of out summed over the positions
+  Array u, delta, z, dout, BC, A, D, bias, dlast, dt, W, dsums;
   int64_t bc_row, dt_row;
   ScanData(const ScanCase& c, std::mt19937& g) : bc_row(2 * c.n + 3), dt_row(c.rank + 3) {
     std::normal_distribution<double> N(0, 1);
@@ -59,6 +60,8 @@ struct ScanData {
     for (auto& x : bias) x = N(g) * 0.3;
     dlast.resize(c.n * c.batch * c.dim);
     for (auto& x : dlast) x = N(g);
+    dsums.resize(c.batch * c.dim);
+    for (auto& x : dsums) x = N(g);
   }
   double B(const ScanCase& c, int64_t t, int64_t b, int64_t s) const { return BC[(t * c.batch + b) * bc_row + 1 + s]; }
   double C(const ScanCase& c, int64_t t, int64_t b, int64_t s) const {
@@ -67,7 +70,8 @@ struct ScanData {
 };
 
 struct ScanResult {
-  Array out, last, du, ddelta, dz, dA, dB, dC, dD, dbias, dproj;  // with a rank, ddelta is d(dt), dproj d(W)
+  // with a rank, ddelta is d(dt) and dproj d(W)
+  Array out, last, du, ddelta, dz, dA, dB, dC, dD, dbias, dproj, out_sums;
 };
 
 // The reference's d(delta) taken back through the projection delta = dt W^T: d(dt) and d(W).
@@ -91,6 +95,7 @@ ScanResult scan_reference(const ScanCase& c, const ScanData& x) {
   ScanResult r;
   r.out.assign(L * nb * nd, 0);
   r.last.assign(n * nb * nd, 0);
+  r.out_sums.assign(nb * nd, 0);
   r.du = r.ddelta = r.dz = Array(L * nb * nd, 0);
   r.dA.assign(nd * n, 0);
   r.dB = r.dC = Array(L * nb * n, 0);
@@ -108,6 +113,7 @@ ScanResult scan_reference(const ScanCase& c, const ScanData& x) {
           y[t] += h[(t + 1) * n + s] * x.C(c, t, b, s);
         }
         r.out[at(t)] = c.with_z ? y[t] * x.z[at(t)] * sigmoid_ref(x.z[at(t)]) : y[t];
+        r.out_sums[b * nd + d] += r.out[at(t)];
       }
       Array g(n, 0);
       for (int64_t s = 0; s < n; ++s) {
@@ -116,8 +122,9 @@ ScanResult scan_reference(const ScanCase& c, const ScanData& x) {
       }
       for (int64_t t = L - 1; t >= 0; --t) {
         const double zt = x.z[at(t)], sz = sigmoid_ref(zt);
-        const double dy = c.with_z ? x.dout[at(t)] * zt * sz : x.dout[at(t)];
-        if (c.with_z) r.dz[at(t)] = x.dout[at(t)] * y[t] * sz * (1 + zt * (1 - sz));
+        const double dout = x.dout[at(t)] + (c.with_dlast ? x.dsums[b * nd + d] : 0);
+        const double dy = c.with_z ? dout * zt * sz : dout;
+        if (c.with_z) r.dz[at(t)] = dout * y[t] * sz * (1 + zt * (1 - sz));
         r.dD[d] += dy * x.u[at(t)];
         double ddl = 0, du = dy * x.D[d];
         for (int64_t s = 0; s < n; ++s) {
@@ -151,10 +158,10 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   const int64_t rows = c.L * c.batch * c.dim, chunks = (c.L + c.chunk - 1) / c.chunk;
   std::vector<T> u = as<T>(x.u), delta = as<T>(c.rank ? x.dt : x.delta), W = as<T>(x.W), z = as<T>(x.z),
                  dout = as<T>(x.dout), BC = as<T>(x.BC), A = as<T>(x.A), D = as<T>(x.D), bias = as<T>(x.bias),
-                 dlast = as<T>(x.dlast);
+                 dlast = as<T>(x.dlast), dsums = as<T>(x.dsums);
   std::vector<T> out(rows), last(c.n * c.batch * c.dim), starts(chunks * c.n * c.batch * c.dim), du(rows),
       ddelta(c.rank ? c.L * c.batch * c.rank : rows), dproj(c.dim * c.rank), dz(rows), dA(c.dim * c.n),
-      dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim);
+      dB(c.L * c.batch * c.n), dC(dB.size()), dD(c.dim), dbias(c.dim), out_sums(c.batch * c.dim);
   rsm_scan_args a{};
   a.u = u.data();
   a.delta = delta.data();
@@ -189,6 +196,8 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   a.last = last.data();
   a.dout = dout.data();
   a.dlast = c.with_dlast ? dlast.data() : nullptr;
+  a.out_sums = out_sums.data();
+  a.dout_sums = c.with_dlast ? dsums.data() : nullptr;
   a.du = du.data();
   a.ddelta = ddelta.data();
   a.dz = c.with_z ? dz.data() : nullptr;
@@ -205,7 +214,7 @@ ScanResult scan_kernel(const ScanCase& c, const ScanData& x) {
   r.out = back(out), r.last = back(last), r.du = back(du), r.ddelta = back(ddelta);
   r.dz = c.with_z ? back(dz) : Array(rows, 0);
   r.dA = back(dA), r.dB = back(dB), r.dC = back(dC), r.dD = back(dD), r.dbias = back(dbias);
-  r.dproj = back(dproj);
+  r.dproj = back(dproj), r.out_sums = back(out_sums);
   return r;
 }
 
@@ -289,12 +298,12 @@ void check_scan(const char* what, const ScanCase& c, double tol32, double tol64)
   ScanResult want = scan_reference(c, x);
   if (c.rank) project_back(c, x, want);
   const ScanResult got32 = scan_kernel<float>(c, x), got64 = scan_kernel<double>(c, x);
-  const char* names[] = {"out", "last", "du", c.rank ? "d(dt)" : "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias",
-                         "d(delta_proj)"};
-  const Array ScanResult::*fields[] = {&ScanResult::out, &ScanResult::last, &ScanResult::du, &ScanResult::ddelta,
-                                       &ScanResult::dz, &ScanResult::dA, &ScanResult::dB, &ScanResult::dC,
-                                       &ScanResult::dD, &ScanResult::dbias, &ScanResult::dproj};
-  for (int i = 0; i < (c.rank ? 11 : 10); ++i) {
+  const char* names[] = {"out", "out sums", "last", "du", c.rank ? "d(dt)" : "ddelta", "dz", "dA", "dB", "dC", "dD",
+                         "dbias", "d(delta_proj)"};
+  const Array ScanResult::*fields[] = {&ScanResult::out, &ScanResult::out_sums, &ScanResult::last, &ScanResult::du,
+                                       &ScanResult::ddelta, &ScanResult::dz, &ScanResult::dA, &ScanResult::dB,
+                                       &ScanResult::dC, &ScanResult::dD, &ScanResult::dbias, &ScanResult::dproj};
+  for (int i = 0; i < (c.rank ? 12 : 11); ++i) {
     char label[96];
     std::snprintf(label, sizeof label, "scan %s f32", what);
     check(label, names[i], got32.*fields[i], want.*fields[i], tol32);

@@ -191,14 +191,15 @@ class MultiPathBlock(nn.Module):
         # re-computes y as the mix made it, so there the orders are put back after the gate. (The gate's means
         # and weights are the same in any token order.)
         restore_after_gate = mixer.on_triton(xz.device)
-        y = mixer.mix(xz, order, restore_order=not restore_after_gate)  # (L, paths * B, E)
-        y = y.unflatten(1, (self.num_paths, batch))  # (L, paths, B, E)
-        if self.gate is not None:
-            means = mixer.out_proj(y.mean(0)).transpose(0, 1)  # (B, paths, dim)
+        restore = not restore_after_gate
+        if self.gate is not None:  # y (L, paths * B, E) and its means over the tokens (paths * B, E)
+            y, y_means = mixer.mix(xz, order, restore_order=restore, with_means=True)
+            means = mixer.out_proj(y_means.unflatten(0, (self.num_paths, batch))).transpose(0, 1)  # (B, paths, dim)
             weights = self.gate(means.flatten(1)).softmax(dim=-1)
+            y = y.unflatten(1, (self.num_paths, batch))  # (L, paths, B, E)
             y = mixer.weigh(y, weights.t()[None, :, :, None], xz, order)
         else:
-            y = y / self.num_paths
+            y = mixer.mix(xz, order, restore_order=restore).unflatten(1, (self.num_paths, batch)) / self.num_paths
         if restore_after_gate:
             y = restore_token_orders(y.flatten(1, 2), order).unflatten(1, (self.num_paths, batch))
         return x + self.drop_path(mixer.out_proj(y.sum(1)).transpose(0, 1))

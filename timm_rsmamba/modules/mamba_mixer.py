@@ -74,7 +74,8 @@ class MambaMixer(nn.Module):
         """hidden: (batch, length, dim) -> (batch, length, dim)."""
         return self.out_proj(self.mix(self.in_proj(hidden.transpose(0, 1)))).transpose(0, 1)
 
-    def mix(self, xz: torch.Tensor, order: Optional[torch.Tensor] = None, restore_order: bool = False) -> torch.Tensor:
+    def mix(self, xz: torch.Tensor, order: Optional[torch.Tensor] = None, restore_order: bool = False,
+            with_means: bool = False):
         """Everything between the two projections, time-major: xz (L, N, 2E) -> y (L, N, E).
 
         Split out so that a caller running several token orders of the same tokens can project in once and
@@ -83,14 +84,16 @@ class MambaMixer(nn.Module):
         The conv and the scan read x and z through ``order`` where their backends can, with no gathered copy
         (ops/token_orders.py). On the Triton backends one autograd function runs it all (ops/triton_mix.py).
         ``restore_order``: hand every sequence back in token order (row l of sequence p * B + b: token l); the C++
-        scan does it as it writes y.
+        scan does it as it writes y. ``with_means``: return (y, y's mean over the positions (N, E)); the C++ scan
+        sums y as it writes it, which spares reading y back.
         """
         out_order = order if restore_order else None
         if order is not None and token_order_mode() == 'gather':
             xz, order = gather_token_orders(xz, order), None
         if self.on_triton(xz.device):
             y = triton_support.mamba_mix(xz, order, *self._mix_params())
-            return restore_token_orders(y, out_order) if out_order is not None else y
+            y = restore_token_orders(y, out_order) if out_order is not None else y
+            return (y, y.mean(0)) if with_means else y
         E, R, S = self.intermediate_size, self.dt_rank, self.state_size
         x, z = xz.split(E, dim=-1)
 
@@ -107,5 +110,9 @@ class MambaMixer(nn.Module):
         y = selective_scan(
             x, channel_major(dt), -torch.exp(self.A_log.float()), channel_major(B), channel_major(C),
             D=self.D.float(), z=channel_major(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.scan_backend, z_order=order, out_order=out_order, delta_proj_weight=self.dt_proj.weight)
+            backend=self.scan_backend, z_order=order, out_order=out_order, delta_proj_weight=self.dt_proj.weight,
+            return_out_sum=with_means)
+        if with_means:
+            y, y_sum = y
+            return y.permute(2, 0, 1), y_sum / y.shape[-1]
         return y.permute(2, 0, 1)

@@ -201,7 +201,8 @@ class _ScanArgs(ctypes.Structure):
                 [(k, ctypes.c_int64) for k in ('dout_t', 'dout_b')] +
                 [(k, ctypes.c_void_p) for k in ('du', 'ddelta', 'dz', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias',
                                                 'z_rows', 'out_rows', 'dz_rows', 'delta_proj')] +
-                [('rank', ctypes.c_int64), ('ddelta_proj', ctypes.c_void_p)])
+                [('rank', ctypes.c_int64), ('ddelta_proj', ctypes.c_void_p), ('out_sums', ctypes.c_void_p),
+                 ('dout_sums', ctypes.c_void_p)])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -411,7 +412,7 @@ def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj):
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
                        save_starts: bool, z_order: Optional[Tensor] = None, out_order: Optional[Tensor] = None,
-                       delta_proj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       delta_proj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The scan on time-major tensors: u, delta, z (L, batch, dim); B, C (L, batch, state); A (dim, state).
     With ``z_order`` (L, paths), z is the source (L, batch / paths, dim) read in those token orders. With
     ``out_order`` (L, paths), sequence p * (batch / paths) + b of out is put back in token order: its position
@@ -419,18 +420,18 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     rank) that the kernel projects itself: delta = dt delta_proj^T.
 
     Returns out (L, batch, dim), the state at each chunk start (chunks, batch, dim * state) (empty unless
-    ``save_starts``: what the backward re-computes from, in the kernels' own order) and the last state
-    (state, batch, dim).
+    ``save_starts``: what the backward re-computes from, in the kernels' own order), the last state
+    (state, batch, dim), and out summed over the positions (batch, dim), as the kernel wrote out.
     """
     (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows = _scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj)
-    out, starts, last = _scan_outputs(u, A, chunk_len, save_starts)
+    out, starts, last, out_sums = _scan_outputs(u, A, chunk_len, save_starts)
     out_rows = _out_rows('selective_scan_fwd', out, out_order)
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows, delta_proj)
     args.out, args.starts, args.last = _ptr(out), _ptr(starts) if save_starts else None, _ptr(last)
-    args.out_rows = _ptr(out_rows)
+    args.out_rows, args.out_sums = _ptr(out_rows), _ptr(out_sums)
     _call('rsm_scan_forward', u, args)
-    return out, starts, last
+    return out, starts, last, out_sums
 
 
 def _out_rows(name: str, target: Tensor, out_order: Optional[Tensor]) -> Optional[Tensor]:
@@ -454,7 +455,7 @@ def _scan_outputs(u, A, chunk_len: int, save_starts: bool):
     length, batch, dim = u.shape
     n = A.shape[1]
     starts = u.new_empty(_starts_shape(length, batch, dim, n, chunk_len)) if save_starts else u.new_empty(0)
-    return u.new_empty(length, batch, dim), starts, u.new_empty(n, batch, dim)
+    return u.new_empty(length, batch, dim), starts, u.new_empty(n, batch, dim), u.new_empty(batch, dim)
 
 
 @selective_scan_fwd.register_fake
@@ -467,14 +468,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, save_starts, z_o
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], starts: Tensor, dout: Tensor,
                        dlast: Optional[Tensor], softplus: bool, chunk_len: int, z_order: Optional[Tensor] = None,
-                       out_order: Optional[Tensor] = None, delta_proj: Optional[Tensor] = None) -> List[Tensor]:
+                       out_order: Optional[Tensor] = None, delta_proj: Optional[Tensor] = None,
+                       dout_sums: Optional[Tensor] = None) -> List[Tensor]:
     """Gradients of `selective_scan_fwd` from its saved chunk-start states: du, ddelta, dA, dB, dC, dD, dz,
     d(delta_bias), d(delta_proj); those of absent inputs (D, z, delta_bias, delta_proj) are empty. ``dlast``: the
     last state's gradient. With ``delta_proj``, ddelta is that of the low-rank dt (the kernel sums both
     projections' gradients itself; d(delta) is never written).
     With ``z_order``, dz is per token order, each back in the source's order: (paths, L, batch / paths, dim), a
     plane per path; summing them is autograd's step. With ``out_order``, dout is in token order as the
-    forward's out was, and read through it."""
+    forward's out was, and read through it. ``dout_sums`` (batch, dim): the gradient of the forward's sums of
+    out over the positions, added to dout at every position."""
     (u, delta, A, B, C, D, z, delta_bias, delta_proj), z_rows = _scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, z_order, delta_proj)
     expected = _starts_shape(*u.shape, A.shape[1], chunk_len)
@@ -485,10 +488,14 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     dz_rows = _plane_rows('selective_scan_bwd', grads[6], z_order) if z is not None else None
     dout, starts = _unit_last_stride(dout), starts.contiguous()
     dlast = None if dlast is None else dlast.contiguous()
+    if dout_sums is not None and tuple(dout_sums.shape) != tuple(u.shape[1:]):
+        raise ValueError(f'selective_scan_bwd: dout_sums (batch, dim) = {tuple(u.shape[1:])} needed, got '
+                         f'{tuple(dout_sums.shape)}')
+    dout_sums = None if dout_sums is None else dout_sums.contiguous()
     args = _scan_args(u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, z_rows, delta_proj)
     dout_rows = _out_rows('selective_scan_bwd', dout, out_order)
     args.starts, args.dout, args.dlast, args.out_rows = _ptr(starts), _ptr(dout), _ptr(dlast), _ptr(dout_rows)
-    args.dz_rows = _ptr(dz_rows)
+    args.dz_rows, args.dout_sums = _ptr(dz_rows), _ptr(dout_sums)
     args.dout_t, args.dout_b = dout.stride(0), dout.stride(1)
     for name, g, given in zip(('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'dz', 'ddelta_bias', 'ddelta_proj'), grads,
                               (u, u, A, B, C, D, z, delta_bias, delta_proj)):
@@ -508,7 +515,7 @@ def _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj) -> List[T
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus, chunk_len, z_order=None, out_order=None,
-      delta_proj=None):
+      delta_proj=None, dout_sums=None):
     return _scan_grads(u, delta, A, B, D, z, delta_bias, z_order, delta_proj)
 
 
@@ -516,18 +523,18 @@ def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, softplus, chunk_len, _, z_order, out_order, delta_proj = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], z_order, out_order, delta_proj)
     ctx.softplus, ctx.chunk_len = softplus, chunk_len
-    # the chunk-start states are the backward's own, and the last state is seldom used: autograd would hand
-    # the backward zeros of their shapes (filling 29 MB per block for the states: rsmamba_base, batch 8)
+    # the chunk-start states are the backward's own, and the last state and the sums are often unused: autograd
+    # would hand the backward zeros of their shapes (filling 29 MB per block for the states: rsmamba_base, batch 8)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-def _scan_backward(ctx, dout, _dstarts, dlast):
+def _scan_backward(ctx, dout, _dstarts, dlast, dout_sums):
     u, delta, A, B, C, D, z, delta_bias, starts, z_order, out_order, delta_proj = ctx.saved_tensors
-    if dout is None:  # only the last state reached the loss
+    if dout is None:  # only the last state or the sums reached the loss
         dout = u.new_zeros(u.shape)
     grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, ctx.softplus,
-                               ctx.chunk_len, z_order, out_order, delta_proj)
+                               ctx.chunk_len, z_order, out_order, delta_proj, dout_sums)
     du, ddelta, dA, dB, dC, dD, dz, d_bias, d_proj = grads
     if z is not None and z_order is not None:
         dz = sum_path_planes(dz)

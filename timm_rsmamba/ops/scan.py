@@ -526,7 +526,8 @@ def _compiles(u, A, min_compile_elements: Optional[int]) -> bool:
 def selective_scan_cpu_kernel(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         chunk_len: Optional[int] = None, z_order: Optional[torch.Tensor] = None,
-        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None):
+        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None,
+        return_out_sum: bool = False):
     """The C++ scan (csrc/mamba_cpu.cpp), forward and backward, as the custom op ``rsmamba::cpu_selective_scan_fwd``.
 
     One pass over the sequence with the states in vector registers and inlined exp/log; the backward
@@ -536,7 +537,8 @@ def selective_scan_cpu_kernel(
     torch.compile would need too). ``z_order``: read z through an (L, paths) token-order index (z is then the
     (batch / paths, dim, L) source), with no gathered copy; ``out_order``: write the output back in token order
     through one (see `selective_scan`), with no gather after. ``delta_proj_weight``: delta is the low-rank dt,
-    projected inside the kernel (see `selective_scan`).
+    projected inside the kernel (see `selective_scan`). ``return_out_sum``: the kernel's sums of out over the
+    positions come last in the result (see `selective_scan`).
     """
     if u.device.type != 'cpu':
         raise RuntimeError(f"scan backend 'cpu_kernel' runs on CPU tensors only, got {u.device.type}; "
@@ -548,7 +550,8 @@ def selective_scan_cpu_kernel(
         if delta_proj_weight is not None:
             delta = project_delta(delta, delta_proj_weight)
         result = fallback(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len)
-        return _restored(result, out_order, return_last_state)
+        result = _restored(result, out_order, return_last_state)
+        return _with_out_sum(result, return_last_state) if return_out_sum else result
     ct = _compute_dtype(u.dtype)
 
     def time_major(t):
@@ -560,12 +563,16 @@ def selective_scan_cpu_kernel(
     with torch.autocast('cpu', enabled=False):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight))
-        out, _, last = selective_scan_fwd(
+        out, _, last, out_sum = selective_scan_fwd(
             time_major(u), time_major(delta), A.to(ct), time_major(B), time_major(C), vector(D), time_major(z),
             vector(delta_bias), delta_softplus, chunk_len or CPU_CHUNK_LEN, needs_grad,
             z_order if z is not None else None, out_order, vector(delta_proj_weight))
-        out = out.to(u.dtype).permute(1, 2, 0)
-    return (out, last.permute(1, 2, 0).contiguous()) if return_last_state else out
+        result = (out.to(u.dtype).permute(1, 2, 0),)
+        if return_last_state:
+            result += (last.permute(1, 2, 0).contiguous(),)
+        if return_out_sum:
+            result += (out_sum.to(u.dtype),)
+    return result if len(result) > 1 else result[0]
 
 
 def project_delta(dt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -581,6 +588,12 @@ def _restored(result, out_order: Optional[torch.Tensor], with_last_state: bool):
     if with_last_state:
         return restore_channel_major(result[0], out_order), result[1]
     return restore_channel_major(result, out_order)
+
+
+def _with_out_sum(result, with_last_state: bool):
+    """A backend's result with its output's sum over the positions (batch, dim) appended."""
+    parts = result if with_last_state else (result,)
+    return (*parts, parts[0].sum(-1))
 
 
 def selective_scan_mamba_ssm(
@@ -619,6 +632,9 @@ ORDER_READING_SCANS = {'triton', 'cpu_kernel'}
 ORDER_WRITING_SCANS = {'cpu_kernel'}
 # The backends that take ``delta_proj_weight`` and project delta themselves; the others get it projected.
 DELTA_PROJECTING_SCANS = {'cpu_kernel'}
+# The backends that take ``return_out_sum`` and sum their output as they write it; the others' is summed after.
+# (Each also writes through ``out_order``: the sum comes after the output, which needs no restoring then.)
+SUMMING_SCANS = {'cpu_kernel'}
 # What the error of a backend that cannot run on a device suggests instead.
 _RUNNABLE = {'cpu': "'auto', 'cpu_kernel', 'compiled', 'chunked', 'reference'",
              'cuda': "'auto', 'mamba_ssm' (the [cuda] extra), 'compiled', 'chunked', 'reference'"}
@@ -650,7 +666,8 @@ def resolve_scan_backend(name: Optional[str], device: Optional[torch.device] = N
 def selective_scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         backend: Optional[str] = None, z_order: Optional[torch.Tensor] = None,
-        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None):
+        out_order: Optional[torch.Tensor] = None, delta_proj_weight: Optional[torch.Tensor] = None,
+        return_out_sum: bool = False):
     """Selective scan with the ``mamba_ssm.selective_scan_fn`` signature, on the chosen backend.
 
     ``z_order`` (L, paths): z is the (batch / paths, dim, L) source of the gate, and sequence p * (batch /
@@ -661,6 +678,9 @@ def selective_scan(
     ``delta_proj_weight`` (dim, rank): delta is the low-rank dt (batch, rank, L), and the scan's delta is
     dt projected by it (Mamba's dt_proj, without its bias: that is ``delta_bias``). The C++ scan projects it
     tile by tile as it goes, so the full-size delta is never written to memory nor read back.
+    ``return_out_sum``: also return the output summed over the positions (batch, dim), after the rest (out,
+    [last state,] sum): what the multi-path block's gate takes the mean of. The C++ scan sums it as it writes the
+    output, so the output is not read back for it.
     """
     name = resolve_scan_backend(backend, u.device)
     backend_kwargs = {}
@@ -676,6 +696,9 @@ def selective_scan(
             z = gather_channel_major(z, z_order)
     if out_order is not None and name in ORDER_WRITING_SCANS:
         backend_kwargs['out_order'], out_order = out_order, None
+    if return_out_sum and name in SUMMING_SCANS:
+        backend_kwargs['return_out_sum'], return_out_sum = True, False
     result = SCAN_BACKENDS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                                  return_last_state=return_last_state, **backend_kwargs)
-    return _restored(result, out_order, return_last_state)
+    result = _restored(result, out_order, return_last_state)
+    return _with_out_sum(result, return_last_state) if return_out_sum else result

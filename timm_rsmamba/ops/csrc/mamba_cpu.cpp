@@ -26,7 +26,7 @@
 // delta_proj (dim, rank), delta is dt (L, batch, rank) with strides t and b.
 // Outputs are contiguous: out, du, ddelta, dz (L, batch, dim); dB, dC (L, batch, state); dA (dim, state);
 // the state at the start of every chunk, (chunks, batch, dim * state) with each block of channels' states side by
-// side (`Scan::chunk_start`); the last state (state, batch, dim).
+// side (`Scan::chunk_start`); the last state (state, batch, dim); out summed over the positions (batch, dim).
 // z, and the conv's x, may instead be read through a table of row offsets (z_rows, x_rows: (L, batch) element
 // offsets): the model's token orders, read straight from the un-reordered tensor with no gathered copy of it.
 // Likewise out may be written (and dout read) through out_rows: each sequence's outputs put back in token order
@@ -82,6 +82,12 @@ struct rsm_scan_args {
   const void* delta_proj;
   int64_t rank;
   void* ddelta_proj;
+  // out_sums (batch, dim), may be null: the forward's out summed over the positions, per sequence and channel (what
+  // the multi-path block's gate takes the mean of, summed here from registers: read back from memory, a 27 MB out
+  // written around the caches took 5% of rsmamba_base's eval). dout_sums, the backward's input, may be null: its
+  // gradient, added to every position's dout
+  void* out_sums;
+  const void* dout_sums;
 };
 
 struct rsm_conv_args {
@@ -419,7 +425,7 @@ struct Partials {
 
 template <typename T>
 struct Scan {
-  const T *u, *delta, *z, *B, *C, *D, *bias, *dout, *dlast;
+  const T *u, *delta, *z, *B, *C, *D, *bias, *dout, *dlast, *dout_sums;
   const int64_t *z_rows, *out_rows, *dz_rows;
   std::vector<T> A, A2;  // state-major (state, dim) copies: A, and A log2(e) for the decays' 2^(delta A2)
   std::vector<Vec<T>> proj;  // delta_proj by block of channels, (blocks, rank) vectors, zero-filled past dim
@@ -432,7 +438,8 @@ struct Scan {
       : u(static_cast<const T*>(a.u)), delta(static_cast<const T*>(a.delta)), z(static_cast<const T*>(a.z)),
         B(static_cast<const T*>(a.B)), C(static_cast<const T*>(a.C)), D(static_cast<const T*>(a.D)),
         bias(static_cast<const T*>(a.delta_bias)), dout(static_cast<const T*>(a.dout)),
-        dlast(static_cast<const T*>(a.dlast)), z_rows(a.z_rows), out_rows(a.out_rows), dz_rows(a.dz_rows),
+        dlast(static_cast<const T*>(a.dlast)), dout_sums(static_cast<const T*>(a.dout_sums)), z_rows(a.z_rows),
+        out_rows(a.out_rows), dz_rows(a.dz_rows),
         A(a.n_state * a.dim), A2(a.n_state * a.dim),
         u_t(a.u_t), u_b(a.u_b), delta_t(a.delta_t), delta_b(a.delta_b), z_t(a.z_t), z_b(a.z_b), B_t(a.B_t),
         B_b(a.B_b), C_t(a.C_t), C_b(a.C_b), dout_t(a.dout_t), dout_b(a.dout_b), length(a.length),
@@ -606,6 +613,7 @@ void prologue(const Scan<T>& p, int64_t b, int64_t k0, int64_t k1, int64_t t0, i
       r.ys[at] = p.D ? load<kFull>(p.D + d0, lanes) * u : V{};
       if constexpr (kBackward) {
         V dy = load<kFull>(p.dout_row(t, b) + d0, lanes);
+        if (p.dout_sums) dy = dy + load<kFull>(p.dout_sums + b * p.dim + d0, lanes);
         if (p.z) {  // dy = dout silu(z), and dz = dout silu'(z) y from the same sigmoid
           const V zt = load<kFull>(p.z_row(t, b) + d0, lanes), sz = vsigmoid(zt);
           r.dz_dys[at] = dy * vsilu_grad_from(zt, sz);
@@ -731,18 +739,18 @@ Vec<T> smallest(const Vec<T>* a2, int64_t n) {
   return m;
 }
 
-// The scratch of one forward work item: per block of the item its A2, the smallest of those, and its states
-// between tiles.
+// The scratch of one forward work item: per block of the item its A2, the smallest of those, its states
+// between tiles and the sum of its outputs so far.
 template <typename T>
 struct ForwardScratch {
-  std::vector<Vec<T>> a2, a2_min, state;
+  std::vector<Vec<T>> a2, a2_min, state, out_sum;
   Rows<T> rows;
   ForwardScratch(int64_t n, int64_t blocks)
-      : a2(blocks * n), a2_min(blocks), state(blocks * n), rows(kTile, blocks, false) {}
+      : a2(blocks * n), a2_min(blocks), state(blocks * n), out_sum(blocks), rows(kTile, blocks, false) {}
 };
 
 template <typename T>
-void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
+void scan_forward(const Scan<T>& p, T* out, T* starts, T* last, T* out_sums) {
   typedef Vec<T> V;
   const int64_t n = p.n;
   const WorkItems items(p.batch, p.blocks, p.threads);
@@ -756,6 +764,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
         w.state[k * n + s] = V{};
       }
       w.a2_min[k] = smallest<T>(w.a2.data() + k * n, n);
+      w.out_sum[k] = V{};
     });
     for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
       const int tl = static_cast<int>(std::min<int64_t>(kTile, p.length - t0));
@@ -772,6 +781,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
           V y = w.rows.ys[w.rows.at(i, k)];
           if (p.z) y = vgate(y, load<kFull>(p.z_row(t, b) + d0, lanes));
           store_output<kFull>(p.around_cache, out + p.out_row(t, b) + d0, y, lanes);
+          w.out_sum[k] = w.out_sum[k] + y;
         });
       }
     }
@@ -779,6 +789,7 @@ void scan_forward(const Scan<T>& p, T* out, T* starts, T* last) {
       for (int64_t s = 0; s < n; ++s) {
         store<decltype(full)::value>(last + s * p.plane + b * p.dim + d0, w.state[k * n + s], lanes);
       }
+      if (out_sums) store<decltype(full)::value>(out_sums + b * p.dim + d0, w.out_sum[k], lanes);
     });
     stream_fence();
   });
@@ -1208,7 +1219,8 @@ int guarded(const F& f) {
 template <typename T>
 int scan_forward_entry(const rsm_scan_args* a) {
   return guarded([&] {
-    scan_forward(Scan<T>(*a), static_cast<T*>(a->out), static_cast<T*>(a->starts), static_cast<T*>(a->last));
+    scan_forward(Scan<T>(*a), static_cast<T*>(a->out), static_cast<T*>(a->starts), static_cast<T*>(a->last),
+                 static_cast<T*>(a->out_sums));
   });
 }
 
