@@ -18,8 +18,9 @@ Rows, per RSMamba model in --models:
              (model_stats.original_block_forward); steps as the reference, trained without
              checkpointing as the original is: it stops at --rss-limit-gb
   floor      the scan replaced by an identity that does no recurrence (model_stats.identity_scan)
-  floor_no_dt_proj: the floor without dt_proj's matrix product either (delta is never projected), which
-             ours does inside the C++ scan: the floor of the scan and that projection together
+  floor_no_dt_proj: the floor without dt_proj's matrix product either (delta is never projected), nor
+             the multi-path gate's means of the scan's output (zeros instead), both of which ours does inside
+             the C++ scan: the floor of the scan and what it took over
   ours_gather, floor_gather: the same with the token orders gathered into a copy first
              ($RSMAMBA_TOKEN_ORDER=gather), instead of read through the index by the C++ conv and scan
   triton     the Triton scan and conv (what auto picks on CUDA); triton_gather: the token orders gathered
@@ -676,8 +677,8 @@ def print_ratios(results, flops, args, device_type):
               ('<= +60%', lambda r: r <= 1.6), pct)
         ratio('train time over the no-scan floor', 'ours', 'floor', 'train', ('<= +40%', lambda r: r <= 1.4), pct)
         for mode in ('eval', 'train'):
-            ratio(f'{mode} time over the floor without dt_proj (the scan and the projection of delta)', 'ours',
-                  'floor_no_dt_proj', mode, fmt_=pct)
+            ratio(f"{mode} time over the floor without dt_proj and the gate's means (the scan and what it took "
+                  "over)", 'ours', 'floor_no_dt_proj', mode, fmt_=pct)
         if device_type == 'cuda':
             ratio('train img/s fused (ours) / pure PyTorch (compiled)', 'compiled', 'ours', 'train',
                   ('pure PyTorch within 3x', lambda r: r <= 3))

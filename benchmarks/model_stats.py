@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import timm_rsmamba  # noqa: F401  (registers the rsmamba_* models)
-from timm_rsmamba.ops.scan import DELTA_PROJECTING_SCANS, ORDER_READING_SCANS, ORDER_WRITING_SCANS, SCAN_BACKENDS
+from timm_rsmamba.ops.scan import (
+    DELTA_PROJECTING_SCANS, ORDER_READING_SCANS, ORDER_WRITING_SCANS, SCAN_BACKENDS, SUMMING_SCANS)
 
 VARIANTS = ('rsmamba_small', 'rsmamba_base', 'rsmamba_large', 'rsmamba_huge')
 PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50')
@@ -37,7 +38,8 @@ _scan_elements = {'bel': 0, 'bels': 0}  # (3B*E*L) and (3B*E*L*S) seen by identi
 
 
 def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False, z_order=None, out_order=None, delta_proj_weight=None):
+                  return_last_state=False, z_order=None, out_order=None, delta_proj_weight=None,
+                  return_out_sum=False):
     """A scan backend that returns ``u`` unchanged: the whole selective-scan op (recurrence, D skip and
     SiLU(z) gate) replaced by the identity, the strictest floor for what the scan costs. It takes z's token
     orders (``z_order``) as the C++ scan does, so the floor pays no gathered copy of z either. It takes
@@ -45,7 +47,10 @@ def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     pays no gather for that either. Registered as 'identity', it gets delta projected by dt_proj's weight
     first, as every scan but the C++ one does; as 'identity_no_dt_proj' it gets the low-rank dt and the weight
     (``delta_proj_weight``) instead, as the C++ scan does, and projects nothing: a floor without dt_proj's
-    matrix product either, which the C++ scan now does inside its tiles.
+    matrix product either, which the C++ scan now does inside its tiles. That one also hands the multi-path
+    gate zeros for the output's sums over the positions (``return_out_sum``), which the C++ scan sums as it
+    writes its output, where 'identity' leaves them to `selective_scan`'s torch sum: a floor without the
+    gate's means either.
 
     With autograd on, a zero-weighted mean of every other input is added so the backward pass still
     reaches x_proj, dt_proj, A_log, D and the z half of in_proj. Also tallies the scan's element counts
@@ -58,9 +63,10 @@ def identity_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     if torch.is_grad_enabled():
         touched = [t for t in (delta, A, B, C, D, z, delta_bias, delta_proj_weight) if t is not None]
         y = u + (sum(t.float().mean() for t in touched) * 0).to(u.dtype)
-    if return_last_state:
-        return y, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
-    return y
+    result = (y, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)) if return_last_state else (y,)
+    if return_out_sum:
+        result += (u.new_zeros(batch, dim),)
+    return result if len(result) > 1 else y
 
 
 def original_fallback_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -127,6 +133,7 @@ def register_benchmark_scans():
         ORDER_READING_SCANS.add(name)
         ORDER_WRITING_SCANS.add(name)
     DELTA_PROJECTING_SCANS.add('identity_no_dt_proj')
+    SUMMING_SCANS.add('identity_no_dt_proj')
     SCAN_BACKENDS['original_fallback'] = original_fallback_scan
 
 
