@@ -322,6 +322,8 @@ def test_cpu_kernel_build_failure_falls_back_to_compiled(monkeypatch):
     torch.testing.assert_close(selective_scan_cpu_kernel(**x, delta_softplus=True, out_order=order),
                                put_back_in_token_order(selective_scan_reference(**x, delta_softplus=True), order),
                                rtol=1e-5, atol=1e-5)
+    _, total = selective_scan_cpu_kernel(**x, delta_softplus=True, out_order=order, return_out_sum=True)
+    torch.testing.assert_close(total, selective_scan_reference(**x, delta_softplus=True).sum(-1), rtol=1e-5, atol=1e-4)
     xc, w = torch.randn(2, 6, 9), torch.randn(6, 4)
     torch.testing.assert_close(causal_conv1d_cpu_kernel(xc, w, None, 'silu'),
                                causal_conv1d_reference(xc, w, None, 'silu'))
