@@ -79,7 +79,7 @@ def test_compiled_matches_reference_values_and_grads(opts):
     (the forward keeps states state-major, it must come back as (batch, dim, state))."""
     x = make_inputs(2, 6, 37, 16, **opts)
     assert_matches_reference(x, selective_scan_compiled, chunk_len=8, min_compile_elements=0)
-    with_grad = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}  # same graphs
+    with_grad = leaf_copies(x)  # same graphs
     _, h_new = selective_scan_compiled(**with_grad, delta_softplus=True, return_last_state=True, chunk_len=8,
                                        min_compile_elements=0)
     _, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
@@ -195,8 +195,8 @@ def test_cpu_kernel_last_state_is_differentiable(loss_on):
     backward gets no zeros for an output the loss does not use (autograd's materialised gradients are off), so
     each output alone must give the reference's gradients too."""
     x = make_inputs(2, 20, 37, 16)
-    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_ref = leaf_copies(x)
+    xs_new = leaf_copies(x)
     weight = torch.randn(2, 20, 16)
     for xs, fn in ((xs_ref, selective_scan_reference), (xs_new, selective_scan_cpu_kernel)):
         y, h = fn(**xs, delta_softplus=True, return_last_state=True)
@@ -221,8 +221,8 @@ def test_scan_returns_its_output_summed_over_positions(backend, loss_on):
     sum only, it gets no dout at all."""
     order = token_orders(37)
     x = make_inputs(6, 20, 37, 16)  # 3 token orders of 2 sequences
-    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_ref = leaf_copies(x)
+    xs_new = leaf_copies(x)
     y_ref = selective_scan_reference(**xs_ref, delta_softplus=True)
     y, last, total = selective_scan(**xs_new, delta_softplus=True, return_last_state=True, backend=backend,
                                     out_order=order, return_out_sum=True)
@@ -231,15 +231,12 @@ def test_scan_returns_its_output_summed_over_positions(backend, loss_on):
     w_out, w_sum = torch.randn(6, 20, 37), torch.randn(6, 20)
     loss_ref = (y_ref.sum(-1) * w_sum).sum()
     loss_new = (total * w_sum).sum()
-    if loss_on == 'output and sum':  # out is back in token order: the reference's, restored
-        loss_ref = loss_ref + (scan_module.restore_channel_major(y_ref, order) * w_out).sum()
+    if loss_on == 'output and sum':  # out is back in token order: the reference's, put back by assignment
+        loss_ref = loss_ref + (put_back_in_token_order(y_ref, order) * w_out).sum()
         loss_new = loss_new + (y * w_out).sum()
     loss_ref.backward()
     loss_new.backward()
-    for name, t in xs_ref.items():
-        if t is not None:
-            scale = t.grad.abs().max().clamp_min(1e-6)
-            assert ((xs_new[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+    assert_grads_close(xs_ref, xs_new)
 
 
 def test_cpu_kernel_out_sum_gradcheck_float64():
@@ -384,22 +381,30 @@ def test_conv_compile_failure_falls_back_to_eager(monkeypatch):
     assert not kernels.usable
 
 
+def leaf_copies(x):
+    """Inputs as fresh leaves that collect their own gradients (None stays None)."""
+    return {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+
+
+def assert_grads_close(xs_ref, xs_new):
+    """Every given input's gradient within 1e-4 of the reference's, relative to the latter's largest."""
+    for name, t in xs_ref.items():
+        if t is not None:
+            scale = t.grad.abs().max().clamp_min(1e-6)
+            assert ((xs_new[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+
+
 def assert_matches_reference(x, scan_fn, reference=selective_scan_reference, **kwargs):
     """Values within 1e-5 and gradients of every input within 1e-4 (relative to the largest) of the reference."""
-    xs_ref = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    xs_new = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    xs_ref = leaf_copies(x)
+    xs_new = leaf_copies(x)
     y_ref = reference(**xs_ref, delta_softplus=True)
     y_new = scan_fn(**xs_new, delta_softplus=True, **kwargs)
     torch.testing.assert_close(y_new, y_ref, rtol=1e-5, atol=1e-5)
     weight = torch.randn_like(y_ref)
     (y_ref * weight).sum().backward()
     (y_new * weight).sum().backward()
-    for name in xs_ref:
-        if xs_ref[name] is None:
-            continue
-        g_ref, g_new = xs_ref[name].grad, xs_new[name].grad
-        scale = g_ref.abs().max().clamp_min(1e-6)
-        assert ((g_new - g_ref).abs().max() / scale) < 1e-4, name
+    assert_grads_close(xs_ref, xs_new)
 
 
 @pytest.mark.parametrize('budget_chunks', [1, 3])
@@ -623,8 +628,8 @@ def test_scan_reads_z_in_token_orders(backend):
     order = token_orders(L)
     x = make_inputs(3 * batch, d, L, n)
     z_source = torch.randn(batch, d, L)
-    ref_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    new_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    ref_inputs = leaf_copies(x)
+    new_inputs = leaf_copies(x)
     z_ref, z_new = z_source.clone().requires_grad_(), z_source.clone().requires_grad_()
     ref_inputs['z'], new_inputs['z'] = read_in_orders(z_ref, order), z_new
     y_ref = selective_scan_reference(**ref_inputs, delta_softplus=True)
@@ -634,9 +639,7 @@ def test_scan_reads_z_in_token_orders(backend):
     (y_ref * weight).sum().backward()
     (y_new * weight).sum().backward()
     ref_inputs['z'], new_inputs['z'] = z_ref, z_new
-    for name, t in ref_inputs.items():
-        scale = t.grad.abs().max().clamp_min(1e-6)
-        assert ((new_inputs[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+    assert_grads_close(ref_inputs, new_inputs)
 
 
 def put_back_in_token_order(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -655,8 +658,8 @@ def test_scan_writes_outputs_in_token_order(backend):
     batch, d, L, n = 2, 20, 37, 16
     order = token_orders(L)
     x = make_inputs(3 * batch, d, L, n)
-    ref_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
-    new_inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    ref_inputs = leaf_copies(x)
+    new_inputs = leaf_copies(x)
     y_ref, last_ref = selective_scan_reference(**ref_inputs, delta_softplus=True, return_last_state=True)
     y_ref = put_back_in_token_order(y_ref, order)
     y_new, last_new = selective_scan(**new_inputs, delta_softplus=True, return_last_state=True, backend=backend,
@@ -666,9 +669,7 @@ def test_scan_writes_outputs_in_token_order(backend):
     weight = torch.randn_like(y_ref)
     (y_ref * weight).sum().backward()
     (y_new * weight).sum().backward()
-    for name, t in ref_inputs.items():
-        scale = t.grad.abs().max().clamp_min(1e-6)
-        assert ((new_inputs[name].grad - t.grad).abs().max() / scale) < 1e-4, name
+    assert_grads_close(ref_inputs, new_inputs)
 
 
 def test_cpu_kernel_token_orders_gradcheck_float64():
