@@ -214,7 +214,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // r = 2^x where -125.5 <= x <= 127.5, else 0, +inf or NaN as above (x = a b, rounded: the guarded path only).
 // NaN is tested for: its payload bits, shifted into the exponent, could make r finite.
-inline vfloat guarded(vfloat r, vfloat x) {
+inline vfloat pow2_range_ends(vfloat r, vfloat x) {
   const vfloat r_low = x < -125.5f ? vfloat{} : (x == x ? r : x);
   return x > 127.5f ? splat<vfloat>(__builtin_inff()) : r_low;
 }
@@ -234,7 +234,7 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
   p = p * f + 0.6931530833244324f;
   p = p * f + 0.9999999403953552f;
   const vfloat r = (vfloat)_mm512_scalef_ps((__m512)p, (__m512)x);
-  if constexpr (kGuarded) return guarded(r, x);
+  if constexpr (kGuarded) return pow2_range_ends(r, x);
   return r;
 }
 #else
@@ -257,7 +257,7 @@ inline vfloat pow2_of_product(vfloat a, vfloat b) {
   // 2^k p: k shifted into the exponent field and added to p's, two integer ops in place of a multiply (the
   // FMA units are what the states' loop waits on: the AVX2 build's scan forward 3% faster on a Zen 4)
   const vfloat r = (vfloat)((vint)p + ((vint)t << 23));
-  if constexpr (kGuarded) return guarded(r, a * b);  // on a b, not k: 2^-125.5 itself is k = -126's
+  if constexpr (kGuarded) return pow2_range_ends(r, a * b);  // on a b, not k: 2^-125.5 itself is k = -126's
   return r;
 }
 #endif
